@@ -1,0 +1,127 @@
+"""Pack small unsigned integers densely into uint32 words, and back.
+
+A field of ``bits`` bits per value is laid out little-endian in a continuous bit stream:
+value ``i`` occupies stream bits ``[i * bits, (i + 1) * bits)`` and stream bit ``j`` is bit
+``j % 32`` of word ``j // 32``. When ``bits`` divides 32 no value straddles two words and
+the packing is a shift-and-or over a ``[words, 32 // bits]`` view; otherwise the values are
+first expanded to single bits. Either way ``ceil(num_values * bits / 32)`` words carry
+exactly the payload, with at most 31 bits of zero padding in the last word.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+WORD_BITS = 32
+
+
+def _check_bits(bits: int) -> None:
+  if not isinstance(bits, int) or not 1 <= bits <= WORD_BITS:
+    raise ValueError(f"bits must be an int in [1, 32], got {bits!r}")
+
+
+def packed_words(num_values: int, bits: int) -> int:
+  """Number of uint32 words that ``pack`` produces for ``num_values`` fields.
+
+  Args:
+    num_values: how many values are packed (>= 0).
+    bits: width of one field in bits, 1 to 32.
+
+  Returns:
+    ``ceil(num_values * bits / 32)``.
+
+  Raises:
+    ValueError: if ``bits`` is outside [1, 32] or ``num_values`` is negative.
+
+  Example:
+    >>> packed_words(1000, 2)
+    63
+  """
+  _check_bits(bits)
+  if num_values < 0:
+    raise ValueError(f"num_values must be >= 0, got {num_values!r}")
+  return -(-num_values * bits // WORD_BITS)
+
+
+def pack(values, bits: int):
+  """Packs unsigned integers of ``bits`` bits each into uint32 words.
+
+  Args:
+    values: integer array of shape ``[n]``; every entry must lie in ``[0, 2**bits)``
+      (higher bits are masked off, not checked, so that this stays jit-able).
+    bits: field width, 1 to 32.
+
+  Returns:
+    uint32 array of shape ``[packed_words(n, bits)]``.
+
+  Raises:
+    ValueError: if ``bits`` is outside [1, 32] or ``values`` is not one-dimensional.
+
+  Example:
+    >>> pack(jnp.array([1, 2, 3]), 2)   # 0b11_10_01
+    Array([57], dtype=uint32)
+  """
+  _check_bits(bits)
+  values = jnp.asarray(values)
+  if values.ndim != 1:
+    raise ValueError(f"pack expects a 1-D array, got shape {values.shape}")
+  n = values.shape[0]
+  values = values.astype(jnp.uint32) & _mask(bits)
+  if WORD_BITS % bits:
+    stream = (values[:, None] >> jnp.arange(bits, dtype=jnp.uint32)) & 1
+    return pack(stream.reshape(-1), 1)
+  per_word = WORD_BITS // bits
+  num_words = packed_words(n, bits)
+  values = jnp.pad(values, (0, num_words * per_word - n)).reshape(num_words, per_word)
+  shifts = jnp.arange(per_word, dtype=jnp.uint32) * bits
+  # Fields occupy disjoint bits, so the sum is the bitwise or.
+  return jnp.sum(values << shifts, axis=1, dtype=jnp.uint32)
+
+
+def unpack(words, bits: int, num_values: int):
+  """Inverse of :func:`pack`: reads ``num_values`` fields of ``bits`` bits.
+
+  Args:
+    words: uint32 array of shape ``[packed_words(num_values, bits)]``.
+    bits: field width, 1 to 32.
+    num_values: how many fields to read.
+
+  Returns:
+    uint32 array of shape ``[num_values]``.
+
+  Raises:
+    ValueError: if ``bits`` is outside [1, 32] or ``words`` has the wrong length.
+
+  Example:
+    >>> unpack(jnp.array([57], jnp.uint32), 2, 3)
+    Array([1, 2, 3], dtype=uint32)
+  """
+  num_words = packed_words(num_values, bits)
+  words = jnp.asarray(words, jnp.uint32)
+  if words.shape != (num_words,):
+    raise ValueError(
+        f"unpack of {num_values} fields of {bits} bits expects {num_words} words, "
+        f"got shape {words.shape}")
+  if WORD_BITS % bits:
+    stream = unpack(words, 1, num_values * bits).reshape(num_values, bits)
+    return jnp.sum(stream << jnp.arange(bits, dtype=jnp.uint32), axis=1, dtype=jnp.uint32)
+  per_word = WORD_BITS // bits
+  shifts = jnp.arange(per_word, dtype=jnp.uint32) * bits
+  fields = (words[:, None] >> shifts) & _mask(bits)
+  return fields.reshape(-1)[:num_values]
+
+
+def _mask(bits: int):
+  return jnp.uint32((1 << bits) - 1) if bits < WORD_BITS else jnp.uint32(0xFFFFFFFF)
+
+
+def bits_for(num_symbols: int) -> int:
+  """Smallest field width that holds ``num_symbols`` distinct values (at least 1 bit).
+
+  Example:
+    >>> bits_for(9)   # QSGD with num_levels=4: levels 0..4 and a sign
+    4
+  """
+  if num_symbols < 1:
+    raise ValueError(f"num_symbols must be >= 1, got {num_symbols!r}")
+  return max(1, (num_symbols - 1).bit_length())
