@@ -1,0 +1,217 @@
+"""Data-parallel training: one per-device step, a scanned loop, and two SPMD wrappers.
+
+The per-device step (``make_step``) draws this device's shard of the global mini-batch,
+takes the gradient of its *local* loss, hands that per-device gradient to the optax
+transform (which compresses and averages it across ``axis_name``) and applies the update.
+``scan_steps`` runs many steps inside one compiled call, so the host is not on the
+per-step path.
+
+Both wrappers map the same per-device function over a leading device axis:
+
+* ``pmapped``: ``jax.pmap`` (the design card's default);
+* ``shard_mapped``: ``jax.jit(jax.shard_map(...))`` with every argument split along the
+  device axis, the path JAX recommends today.
+
+Every argument and result carries a leading axis of size N (``replicate`` builds the
+inputs). Parameters therefore enter the per-device function as device-varying values,
+and ``jax.grad`` returns each device's own gradient under both wrappers. (Had the
+parameters been passed replicated, ``P()``, shard_map's autodiff would psum the gradient
+before the compressor saw it, unless they were first cast with
+``jax.lax.pcast(..., to="varying")``.) A test fails if compression ever sees a summed
+gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXIS_NAME = "data"
+WRAPPERS = ("pmap", "shard_map")
+DEFAULT_CPU_DEVICES = 8
+MAX_CPU_DEVICES = 256
+
+
+class TrainState(NamedTuple):
+  """What one device carries from step to step.
+
+  Attributes:
+    params: the model parameters (a pytree).
+    opt_state: the optax state of ``tx``.
+    step: int32 scalar, steps taken so far (folded into the batch key).
+  """
+  params: Any
+  opt_state: Any
+  step: jax.Array
+
+
+def init_state(params, tx: optax.GradientTransformation) -> TrainState:
+  """Returns the initial :class:`TrainState` for ``params`` under ``tx``."""
+  return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+
+
+def make_step(loss_fn: Callable, batch_fn: Callable, tx: optax.GradientTransformation, *,
+              metrics_fn: Callable | None = None, axis_name: str | None = AXIS_NAME):
+  """Builds one per-device training step.
+
+  Args:
+    loss_fn: ``loss_fn(params, *batch) -> scalar``, the loss on this device's shard.
+    batch_fn: ``batch_fn(key, data, shard_index, num_shards) -> batch`` (a tuple), this
+      device's shard of the global mini-batch for the step ``key``.
+    tx: the optax transform; built with the same ``axis_name`` so that it averages the
+      compressed gradients across devices.
+    metrics_fn: optional ``metrics_fn(params, data) -> dict`` of scalars computed after
+      the update (no collectives, so it costs no wire bits).
+    axis_name: the device axis, or None for a single-device step.
+
+  Returns:
+    ``step(state, data, key) -> (state, metrics)`` where ``metrics["loss"]`` is this
+    device's loss on its shard before the update.
+
+  Example:
+    >>> step = make_step(planted.loss, batch_fn, tx)
+    >>> run = pmapped(scan_steps(step, 100), jax.devices())
+  """
+
+  def step(state: TrainState, data, key):
+    if axis_name is None:
+      shard_index, num_shards = 0, 1
+    else:
+      shard_index = jax.lax.axis_index(axis_name)
+      num_shards = jax.lax.axis_size(axis_name)
+    batch = batch_fn(jax.random.fold_in(key, state.step), data, shard_index, num_shards)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, *batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss}
+    if metrics_fn is not None:
+      metrics.update(metrics_fn(params, data))
+    return TrainState(params, opt_state, state.step + 1), metrics
+
+  return step
+
+
+def scan_steps(step: Callable, num_steps: int):
+  """Runs ``step`` ``num_steps`` times inside one ``lax.scan``.
+
+  Returns:
+    ``run(state, data, key) -> (state, metrics)`` with every metric stacked to
+    ``[num_steps]``.
+
+  Raises:
+    ValueError: if ``num_steps < 1``.
+  """
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps!r}")
+
+  def run(state, data, key):
+    return jax.lax.scan(lambda s, _: step(s, data, key), state, length=num_steps)
+
+  return run
+
+
+def pmapped(fn: Callable, devices, axis_name: str = AXIS_NAME):
+  """``jax.pmap`` of a per-device function over ``devices`` (leading axis N everywhere)."""
+  return jax.pmap(fn, axis_name=axis_name, devices=list(devices))
+
+
+def shard_mapped(fn: Callable, devices, axis_name: str = AXIS_NAME):
+  """``jax.jit(jax.shard_map(fn))`` splitting every argument and result along axis 0.
+
+  Same interface and numbers as :func:`pmapped`: arguments have a leading axis of size N
+  and ``fn`` sees one device's slice without that axis.
+  """
+  mesh = Mesh(np.asarray(list(devices)), (axis_name,))
+  spec = PartitionSpec(axis_name)
+
+  def per_device(*args):
+    out = fn(*jax.tree_util.tree_map(lambda a: a[0], args))
+    return jax.tree_util.tree_map(lambda a: a[None], out)
+
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=spec, out_specs=spec))
+
+
+def wrap(parallel: str, fn: Callable, devices, axis_name: str = AXIS_NAME):
+  """Wraps ``fn`` with ``"pmap"`` or ``"shard_map"``.
+
+  Raises:
+    ValueError: if ``parallel`` is unknown.
+  """
+  if parallel == "pmap":
+    return pmapped(fn, devices, axis_name)
+  if parallel == "shard_map":
+    return shard_mapped(fn, devices, axis_name)
+  raise ValueError(f"parallel must be one of {WRAPPERS}, got {parallel!r}")
+
+
+def replicate(tree, devices):
+  """Places one copy of every leaf of ``tree`` on each device, stacked on a new axis 0.
+
+  Each device receives its copy directly (no N-fold array is built on one device).
+
+  Args:
+    tree: pytree of arrays (typed PRNG keys included).
+    devices: the N devices.
+
+  Returns:
+    The pytree with leaves of shape ``[N, *leaf.shape]``, sharded along axis 0.
+  """
+  devices = list(devices)
+  sharding = NamedSharding(Mesh(np.asarray(devices), ("devices",)), PartitionSpec("devices"))
+
+  def put(leaf):
+    leaf = jnp.asarray(leaf)
+    shards = [jax.device_put(leaf[None], d) for d in devices]
+    return jax.make_array_from_single_device_arrays(
+        (len(devices),) + leaf.shape, sharding, shards)
+
+  return jax.tree_util.tree_map(put, tree)
+
+
+def unreplicate(tree):
+  """Device 0's copy of every leaf of a replicated pytree."""
+  return jax.tree_util.tree_map(lambda a: a[0], tree)
+
+
+def setup_devices(num_devices: int | None = None):
+  """Returns the devices to train on, simulating CPU devices where there is no accelerator.
+
+  Call it before any JAX computation: on CPU it sets ``jax_num_cpu_devices`` so that
+  ``num_devices`` (default 8) simulated devices exist. With an accelerator present its
+  devices are used (default: all of them).
+
+  Args:
+    num_devices: N >= 1, or None for the default.
+
+  Returns:
+    A list of N devices.
+
+  Raises:
+    ValueError: if ``num_devices < 1``, exceeds the accelerators present, exceeds
+      ``MAX_CPU_DEVICES`` simulated devices, or more CPU devices are asked for than JAX was
+      started with (backends already initialized).
+  """
+  if num_devices is not None and num_devices < 1:
+    raise ValueError(f"num_devices must be >= 1, got {num_devices!r}")
+  if num_devices is not None and num_devices > MAX_CPU_DEVICES:
+    raise ValueError(f"num_devices={num_devices} exceeds the {MAX_CPU_DEVICES} simulated "
+                     "devices jrelu supports (each holds a copy of the data)")
+  wanted_cpu = num_devices or DEFAULT_CPU_DEVICES
+  try:
+    if jax.config.jax_num_cpu_devices < wanted_cpu:
+      jax.config.update("jax_num_cpu_devices", wanted_cpu)
+  except RuntimeError:
+    pass  # backends already started; the count check below explains what to do
+  backend = jax.default_backend()
+  available = jax.devices(backend)
+  wanted = num_devices or (len(available) if backend != "cpu" else DEFAULT_CPU_DEVICES)
+  if wanted > len(available):
+    raise ValueError(
+        f"num_devices={wanted} but only {len(available)} {backend} device(s) can be used"
+        + ("; set jax_num_cpu_devices before any JAX computation" if backend == "cpu" else ""))
+  return available[:wanted]
