@@ -1,0 +1,17 @@
+"""jrelu: communication-compressed data-parallel SGD in JAX.
+
+Reference problem: Kalan, Soltanolkotabi, Avestimehr, "Fitting ReLUs via SGD and Quantized
+SGD" (arXiv 1901.06587). Public names only; the logic lives in the submodules.
+"""
+
+from jrelu import aggregation
+from jrelu import compressors
+from jrelu import parallel
+from jrelu import planted
+from jrelu import wire
+from jrelu.transforms import CompressState, compress, qsgd
+
+__version__ = "0.1.0"
+
+__all__ = ["CompressState", "aggregation", "compress", "compressors", "parallel",
+           "planted", "qsgd", "wire"]
