@@ -1,0 +1,47 @@
+"""Small planted-ReLU runs shared by the parallel, wire and convergence tests."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jrelu import compressors
+from jrelu import parallel
+from jrelu import planted
+from jrelu import transforms
+
+DIM, NUM_SAMPLES, BATCH_SIZE = 50, 400, 128
+
+
+def problem(dim=DIM, num_samples=NUM_SAMPLES, seed=0):
+  w_star = planted.sample_w_star(jax.random.key(seed), dim)
+  return planted.sample_dataset(jax.random.key(seed + 1), w_star, num_samples), w_star
+
+
+def make_tx(compressor=None, aggregation="two_phase", learning_rate=0.4, axis_name="data",
+            seed=3):
+  compressor = compressors.identity() if compressor is None else compressor
+  return optax.chain(
+      transforms.compress(compressor, key=jax.random.key(seed), axis_name=axis_name,
+                          aggregation=aggregation),
+      optax.sgd(learning_rate))
+
+
+def batch_fn(batch_size=BATCH_SIZE):
+  return lambda key, data, i, n: planted.minibatch(key, data[0], batch_size, i, n)
+
+
+def metrics_fn(params, data):
+  return {"relative_error": planted.relative_error(params, data[1])}
+
+
+def replicated_inputs(tx, devices, data=None, dim=DIM):
+  data = problem(dim) if data is None else data
+  state = parallel.init_state(jnp.zeros((dim,), jnp.float32), tx)
+  return parallel.replicate((state, data, jax.random.key(4)), devices)
+
+
+def run(tx, devices, num_steps, wrapper="pmap", batch_size=BATCH_SIZE, data=None):
+  """Runs ``num_steps`` steps on ``devices``; returns (state, metrics) with device axis."""
+  step = parallel.make_step(planted.loss, batch_fn(batch_size), tx, metrics_fn=metrics_fn)
+  fn = parallel.wrap(wrapper, parallel.scan_steps(step, num_steps), devices)
+  return fn(*replicated_inputs(tx, devices, data))

@@ -1,0 +1,133 @@
+"""Data-parallel equivalences: N devices vs one, pmap vs shard_map, replicas in sync."""
+
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jrelu import compressors
+from jrelu import parallel
+from jrelu import planted
+
+import helpers
+
+DEVICES = 8
+
+
+def test_identity_on_8_devices_matches_single_device_whole_batch():
+  devices = jax.devices()[:DEVICES]
+  state, metrics = helpers.run(helpers.make_tx(aggregation="psum"), devices, num_steps=20)
+  single_tx = helpers.make_tx(axis_name=None)
+  single = parallel.scan_steps(
+      parallel.make_step(planted.loss, helpers.batch_fn(), single_tx,
+                         metrics_fn=helpers.metrics_fn, axis_name=None), 20)
+  data = helpers.problem()
+  ref_state, ref_metrics = jax.jit(single)(
+      parallel.init_state(jnp.zeros(helpers.DIM), single_tx), data, jax.random.key(4))
+  # Same batch, same update; only the order of the float32 sums differs.
+  np.testing.assert_allclose(state.params[0], ref_state.params, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(metrics["loss"]).mean(0), ref_metrics["loss"],
+                             rtol=1e-4)
+
+
+@pytest.mark.parametrize("aggregation", ["psum", "all_gather", "two_phase"])
+def test_pmap_and_shard_map_agree(aggregation):
+  devices = jax.devices()[:DEVICES]
+  tx = helpers.make_tx(compressors.qsgd(2), aggregation)
+  by_pmap, m_pmap = helpers.run(tx, devices, 30, wrapper="pmap")
+  by_shard_map, m_shard_map = helpers.run(tx, devices, 30, wrapper="shard_map")
+  np.testing.assert_allclose(by_pmap.params, by_shard_map.params, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(m_pmap["relative_error"], m_shard_map["relative_error"],
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize("wrapper", parallel.WRAPPERS)
+@pytest.mark.parametrize("aggregation", ["psum", "all_gather", "two_phase"])
+def test_params_identical_on_all_devices(wrapper, aggregation):
+  tx = helpers.make_tx(compressors.qsgd(4), aggregation)
+  state, _ = helpers.run(tx, jax.devices()[:DEVICES], 25, wrapper=wrapper)
+  params = np.asarray(state.params)
+  assert np.abs(params[0]).sum() > 0  # training moved away from zeros
+  for i in range(1, DEVICES):
+    np.testing.assert_array_equal(params[i], params[0], err_msg=f"device {i} differs")
+
+
+def test_psum_and_all_gather_see_the_same_codes():
+  """Same per-device keys, same codes: the two strategies differ only in float sums."""
+  devices = jax.devices()[:DEVICES]
+  a, _ = helpers.run(helpers.make_tx(compressors.qsgd(1), "psum"), devices, 30)
+  b, _ = helpers.run(helpers.make_tx(compressors.qsgd(1), "all_gather"), devices, 30)
+  np.testing.assert_allclose(a.params[0], b.params[0], rtol=1e-5, atol=1e-6)
+
+
+class _Seen(NamedTuple):
+  grads: jax.Array  # [N, d]: every device's incoming gradient, gathered
+
+
+def _recording_transform(axis_name):
+  """An optax transform that stores what each device hands to the compressor."""
+  def init(params):
+    return _Seen(jnp.zeros((DEVICES,) + params.shape, params.dtype))
+
+  def update(updates, state, params=None):
+    return updates, _Seen(jax.lax.all_gather(updates, axis_name))
+
+  return optax.GradientTransformation(init, update)
+
+
+@pytest.mark.parametrize("wrapper", parallel.WRAPPERS)
+def test_compressor_sees_per_device_gradients(wrapper):
+  """Fails if the gradient is summed across devices before compression."""
+  devices = jax.devices()[:DEVICES]
+  data = helpers.problem()
+  w0 = planted.init_params("moment", jax.random.key(9), data[0])
+  tx = _recording_transform("data")
+  step = parallel.make_step(planted.loss, helpers.batch_fn(), tx)
+  state = parallel.TrainState(w0, tx.init(w0), jnp.zeros((), jnp.int32))
+  inputs = parallel.replicate((state, data, jax.random.key(4)), devices)
+  new_state, _ = parallel.wrap(wrapper, step, devices)(*inputs)
+  seen = np.asarray(new_state.opt_state.grads[0])
+  # Expected: each shard's own gradient of its local mean loss.
+  step_key = jax.random.fold_in(jax.random.key(4), 0)
+  for i in range(DEVICES):
+    x, y = planted.minibatch(step_key, data[0], helpers.BATCH_SIZE, i, DEVICES)
+    np.testing.assert_allclose(seen[i], jax.grad(planted.loss)(w0, x, y), rtol=1e-5,
+                               atol=1e-6, err_msg=f"device {i}")
+  assert not np.allclose(seen[0], seen[1])  # shards differ, so the gradients must too
+
+
+def test_same_seed_same_run_bit_for_bit():
+  devices = jax.devices()[:DEVICES]
+  a, _ = helpers.run(helpers.make_tx(compressors.qsgd(4)), devices, 10)
+  b, _ = helpers.run(helpers.make_tx(compressors.qsgd(4)), devices, 10)
+  c, _ = helpers.run(helpers.make_tx(compressors.qsgd(4), seed=5), devices, 10)
+  np.testing.assert_array_equal(a.params, b.params)
+  assert not np.array_equal(a.params, c.params)
+
+
+def test_replicate_places_one_copy_per_device():
+  devices = jax.devices()[:DEVICES]
+  tree = {"w": jnp.arange(3.0), "key": jax.random.key(0)}
+  out = parallel.replicate(tree, devices)
+  chex.assert_shape(out["w"], (DEVICES, 3))
+  assert {s.device for s in out["w"].addressable_shards} == set(devices)
+  np.testing.assert_array_equal(parallel.unreplicate(out)["w"], tree["w"])
+
+
+def test_setup_devices_errors():
+  with pytest.raises(ValueError, match="num_devices must be >= 1, got 0"):
+    parallel.setup_devices(0)
+  with pytest.raises(ValueError, match="num_devices=100000"):
+    parallel.setup_devices(100000)
+  with pytest.raises(ValueError, match="num_devices=64"):
+    parallel.setup_devices(64)  # JAX already started with 8 CPU devices
+  assert len(parallel.setup_devices(4)) == 4
+
+
+def test_wrap_rejects_unknown_wrapper():
+  with pytest.raises(ValueError, match="'vmap'"):
+    parallel.wrap("vmap", lambda x: x, jax.devices()[:1])

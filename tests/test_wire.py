@@ -1,0 +1,99 @@
+"""Bits read from the compiled step's HLO equal each aggregation's formula."""
+
+import jax
+import pytest
+
+from jrelu import aggregation
+from jrelu import compressors
+from jrelu import parallel
+from jrelu import planted
+from jrelu import wire
+
+import helpers
+
+CODECS = {
+    "none": compressors.identity,
+    "qsgd_s1": lambda: compressors.qsgd(1),
+    "qsgd_s4_bucket128": lambda: compressors.qsgd(4, bucket_size=128),
+}
+
+
+def measured_bits(compressor, strategy, num_devices, dim=1000, wrapper="pmap"):
+  devices = jax.devices()[:num_devices]
+  tx = helpers.make_tx(compressor, strategy)
+  data = helpers.problem(dim, num_samples=64)
+  step = parallel.make_step(planted.loss, helpers.batch_fn(64), tx,
+                            metrics_fn=helpers.metrics_fn)
+  inputs = helpers.replicated_inputs(tx, devices, data, dim)
+  return wire.measure(parallel.wrap(wrapper, step, devices), *inputs)
+
+
+@pytest.mark.parametrize("codec", sorted(CODECS))
+@pytest.mark.parametrize("strategy", aggregation.STRATEGIES)
+@pytest.mark.parametrize("num_devices", [2, 8])
+def test_measured_bits_equal_formula(codec, strategy, num_devices):
+  compressor = CODECS[codec]()
+  report = measured_bits(compressor, strategy, num_devices)
+  expected = aggregation.wire_bits(strategy, compressor, (1000,), num_devices)
+  assert report.sent_bits == pytest.approx(expected, rel=1e-12), report.collectives
+  assert all(c.group_size == num_devices for c in report.collectives)
+
+
+def test_measured_bits_same_under_shard_map():
+  compressor = compressors.qsgd(4)
+  by_pmap = measured_bits(compressor, "two_phase", 8, wrapper="pmap")
+  by_shard_map = measured_bits(compressor, "two_phase", 8, wrapper="shard_map")
+  assert by_pmap.sent_bits == by_shard_map.sent_bits
+
+
+def test_qsgd_two_phase_sends_at_least_12x_fewer_bits_than_float32():
+  qsgd1 = compressors.qsgd(1)
+  two_phase = measured_bits(qsgd1, "two_phase", 8).sent_bits
+  gathered = measured_bits(qsgd1, "all_gather", 8).sent_bits
+  float32 = measured_bits(compressors.identity(), "psum", 8).sent_bits
+  assert float32 == 2 * 7 / 8 * 32 * 1000
+  assert float32 / two_phase >= 12  # 56000 / 4032 = 13.9
+  assert two_phase < gathered
+
+
+def test_two_phase_per_device_bits_stay_flat_while_all_gather_grows():
+  qsgd4 = compressors.qsgd(4)
+  flat = [aggregation.wire_bits("two_phase", qsgd4, (10**6,), n) for n in (8, 64, 1024)]
+  grow = [aggregation.wire_bits("all_gather", qsgd4, (10**6,), n) for n in (8, 64, 1024)]
+  assert max(flat) / min(flat) < 1.2
+  assert grow[2] / grow[0] > 100
+
+
+SYNTHETIC_HLO = """HloModule jit_step, entry_computation_layout={()}, num_partitions=4
+
+ENTRY %main (p0: f32[10], p1: u32[2,3]) -> f32[10] {
+  %p0 = f32[10]{0} parameter(0)
+  %p1 = u32[2,3]{1,0} parameter(1)
+  %ar = f32[10]{0} all-reduce(%p0), channel_id=1, replica_groups={{0,1,2,3}}, to_apply=%add
+  %ag = u32[8,3]{1,0} all-gather(%p1), channel_id=2, replica_groups=[1,4]<=[4], dimensions={0}
+  %ags = (u32[2,3]{1,0}, u32[8,3]{1,0}) all-gather-start(%p1), replica_groups={{0,1},{2,3}}, dimensions={0}
+  %agd = u32[8,3]{1,0} all-gather-done(%ags)
+  %a2a = (u32[1,3]{1,0}, u32[1,3]{1,0}) all-to-all(u32[1,3]{1,0} %x, u32[1,3]{1,0} %y), replica_groups={}
+  ROOT %cp = f32[10]{0} collective-permute(%ar), source_target_pairs={{0,1},{1,2}}
+}
+"""
+
+
+def test_parse_synthetic_hlo():
+  report = wire.parse(SYNTHETIC_HLO)
+  got = {c.name: (c.op, c.operand_bits, c.group_size) for c in report.collectives}
+  assert got == {
+      "ar": ("all-reduce", 320, 4),
+      "ag": ("all-gather", 192, 4),
+      "ags": ("all-gather", 192, 2),       # async pair charged once, at the start
+      "a2a": ("all-to-all", 192, 4),       # empty groups: all partitions
+      "cp": ("collective-permute", 320, 4),
+  }
+  expected = 2 * 3 / 4 * 320 + 3 * 192 + 1 * 192 + 3 / 4 * 192 + 320
+  assert report.sent_bits == pytest.approx(expected)
+  assert report.operand_bits == 320 + 192 + 192 + 192 + 320
+
+
+def test_shape_bits():
+  assert wire.shape_bits("f32[8,3]{1,0}") == 768
+  assert wire.shape_bits("(bf16[4]{0}, pred[2]{0}, s8[])") == 64 + 16 + 8
