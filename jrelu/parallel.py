@@ -199,8 +199,8 @@ def setup_devices(num_devices: int | None = None):
   if num_devices is not None and num_devices < 1:
     raise ValueError(f"num_devices must be >= 1, got {num_devices!r}")
   if num_devices is not None and num_devices > MAX_CPU_DEVICES:
-    raise ValueError(f"num_devices={num_devices} exceeds the {MAX_CPU_DEVICES} simulated "
-                     "devices jrelu supports (each holds a copy of the data)")
+    raise ValueError(f"num_devices must be at most {MAX_CPU_DEVICES} (each simulated "
+                     f"device holds a copy of the data), got {num_devices}")
   wanted_cpu = num_devices or DEFAULT_CPU_DEVICES
   try:
     if jax.config.jax_num_cpu_devices < wanted_cpu:
@@ -212,6 +212,7 @@ def setup_devices(num_devices: int | None = None):
   wanted = num_devices or (len(available) if backend != "cpu" else DEFAULT_CPU_DEVICES)
   if wanted > len(available):
     raise ValueError(
-        f"num_devices={wanted} but only {len(available)} {backend} device(s) can be used"
+        f"num_devices={wanted} asked for, but only {len(available)} {backend} device(s) "
+        "can be used"
         + ("; set jax_num_cpu_devices before any JAX computation" if backend == "cpu" else ""))
   return available[:wanted]

@@ -12,6 +12,7 @@ points at the planted weights.
 
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple
 
 import jax
@@ -188,5 +189,9 @@ def minibatch(key, data: Dataset, batch_size: int, shard_index=0, num_shards: in
 
 
 def _check_positive(name, value):
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+  try:
+    ok = not isinstance(value, bool) and operator.index(value) >= 1
+  except TypeError:
+    ok = False
+  if not ok:
     raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

@@ -1,0 +1,112 @@
+"""The planted ReLU model: the ReLU'(0) = 1/2 convention, exact gradients, inits, batches."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jrelu import planted
+
+
+def test_relu_derivative_is_one_half_at_zero():
+  grad = jax.grad(planted.relu)
+  assert grad(0.0) == 0.5
+  assert grad(2.0) == 1.0
+  assert grad(-2.0) == 0.0
+  assert jax.grad(jax.nn.relu)(0.0) == 0.0  # why jrelu cannot use jax.nn.relu
+
+
+def test_gradient_at_zero_is_minus_half_moment():
+  w_star = planted.sample_w_star(jax.random.key(0), 30)
+  data = planted.sample_dataset(jax.random.key(1), w_star, 200)
+  grad = jax.grad(planted.loss)(jnp.zeros(30), data.x, data.y)
+  expected = -(data.y @ data.x) / (2 * 200)
+  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7)
+  # With jax.nn.relu the same loss would be stuck at w = 0.
+  stuck = jax.grad(lambda w: 0.5 * jnp.mean((jax.nn.relu(data.x @ w) - data.y) ** 2))(
+      jnp.zeros(30))
+  assert np.all(stuck == 0)
+
+
+def test_loss_zero_at_w_star_and_relative_error():
+  w_star = planted.sample_w_star(jax.random.key(0), 20)
+  data = planted.sample_dataset(jax.random.key(1), w_star, 100)
+  assert planted.loss(w_star, data.x, data.y) == 0
+  assert planted.relative_error(w_star, w_star) == 0
+  assert planted.relative_error(jnp.zeros(20), w_star) == pytest.approx(1.0)
+  assert planted.relative_error(2 * w_star, w_star) == pytest.approx(1.0)
+
+
+def test_population_gradient_matches_closed_form():
+  """grad L(w) = w/2 - [(pi - theta) w_star + ||w_star|| sin(theta) w/||w||] / (2 pi).
+
+  Monte Carlo with n = 400000 samples; per coordinate the tolerance is 6 standard errors
+  of the mean of the per-sample gradients (estimated from the same samples).
+  """
+  d, n = 5, 400_000
+  w_star = planted.sample_w_star(jax.random.key(0), d)
+  data = planted.sample_dataset(jax.random.key(1), w_star, n)
+  w = w_star + 0.7 * planted.sample_w_star(jax.random.key(2), d)
+  per_sample = jax.vmap(jax.grad(planted.loss), in_axes=(None, 0, 0))(
+      w, data.x[:, None, :], data.y[:, None])
+  mc = np.asarray(per_sample.mean(0))
+  stderr = np.asarray(per_sample.std(0)) / np.sqrt(n)
+  w, w_star = np.asarray(w, np.float64), np.asarray(w_star, np.float64)
+  theta = np.arccos(w @ w_star / (np.linalg.norm(w) * np.linalg.norm(w_star)))
+  exact = w / 2 - ((np.pi - theta) * w_star
+                   + np.linalg.norm(w_star) * np.sin(theta) * w / np.linalg.norm(w)) / (2 * np.pi)
+  assert np.all(np.abs(mc - exact) <= 6 * stderr), (mc, exact, stderr)
+
+
+def test_first_moment_is_half_w_star():
+  """E[y x] = w_star / 2, so the moment init (2/n) sum y_i x_i is unbiased for w_star."""
+  d, n = 10, 200_000
+  w_star = planted.sample_w_star(jax.random.key(3), d)
+  data = planted.sample_dataset(jax.random.key(4), w_star, n)
+  products = np.asarray(data.y[:, None] * data.x)
+  stderr = products.std(0) / np.sqrt(n)
+  assert np.all(np.abs(products.mean(0) - np.asarray(w_star) / 2) <= 6 * stderr)
+
+
+def test_inits():
+  w_star = planted.sample_w_star(jax.random.key(0), 50)
+  data = planted.sample_dataset(jax.random.key(1), w_star, 4000)
+  zeros = planted.init_params("zeros", jax.random.key(2), data)
+  np.testing.assert_array_equal(zeros, np.zeros(50))
+  moment = planted.init_params("moment", jax.random.key(2), data)
+  np.testing.assert_allclose(moment, 2 / 4000 * (data.y @ data.x), rtol=1e-6)
+  # E||moment - w_star||^2 ~ 4 d E[y^2 x_j^2] / n ~ 2 d / n = 0.025: error ~ 0.16.
+  assert planted.relative_error(moment, w_star) < 0.3
+  random = planted.init_params("random", jax.random.key(2), data)
+  assert random.shape == (50,) and 0.5 < float(jnp.linalg.norm(random)) < 1.5
+  with pytest.raises(ValueError, match="'ones'"):
+    planted.init_params("ones", jax.random.key(2), data)
+
+
+def test_sampling_shapes_and_validation():
+  w_star = planted.sample_w_star(jax.random.key(0), 7)
+  assert float(jnp.linalg.norm(w_star)) == pytest.approx(1.0, rel=1e-6)
+  data = planted.sample_dataset(jax.random.key(1), w_star, 11)
+  assert data.x.shape == (11, 7) and data.y.shape == (11,)
+  assert np.all(np.asarray(data.y) >= 0)
+  noisy = planted.sample_dataset(jax.random.key(1), w_star, 11, noise_std=0.5)
+  assert np.any(np.asarray(noisy.y) != np.asarray(data.y))
+  for bad in (0, -3, 2.5):
+    with pytest.raises(ValueError, match=repr(bad)):
+      planted.sample_w_star(jax.random.key(0), bad)
+  with pytest.raises(ValueError, match="num_samples"):
+    planted.sample_dataset(jax.random.key(1), w_star, 0)
+  with pytest.raises(ValueError, match="-1"):
+    planted.sample_dataset(jax.random.key(1), w_star, 5, noise_std=-1.0)
+
+
+def test_minibatch_shards_partition_the_global_batch():
+  w_star = planted.sample_w_star(jax.random.key(0), 4)
+  data = planted.sample_dataset(jax.random.key(1), w_star, 50)
+  key = jax.random.key(5)
+  whole_x, whole_y = planted.minibatch(key, data, 16)
+  shards = [planted.minibatch(key, data, 16, i, 4) for i in range(4)]
+  np.testing.assert_array_equal(np.concatenate([s[0] for s in shards]), whole_x)
+  np.testing.assert_array_equal(np.concatenate([s[1] for s in shards]), whole_y)
+  with pytest.raises(ValueError, match="batch_size=10 is not divisible by num_shards=4"):
+    planted.minibatch(key, data, 10, 0, 4)
