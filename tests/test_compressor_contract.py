@@ -1,0 +1,272 @@
+"""The Compressor contract (jrelu/compressors/base.py), checked for every compressor.
+
+Adding a compressor to the suite is one line in ``COMPRESSORS``; a name in
+``jrelu.compressors.REGISTRY`` that no entry covers fails ``test_registry_is_covered``.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jrelu import compressors
+from jrelu import transforms
+
+# (test id, zero-argument factory). One line per compressor configuration.
+COMPRESSORS = [
+    ("none", lambda: compressors.identity()),
+    ("qsgd_s1", lambda: compressors.qsgd(1)),
+    ("qsgd_s4_bucket", lambda: compressors.qsgd(4, bucket_size=64)),
+    ("qsgd_s16_max", lambda: compressors.qsgd(16, norm="max")),
+]
+
+SHAPES = [(1000,), (7, 13), (1,)]
+DTYPES = [jnp.float32, jnp.bfloat16]
+
+params_compressors = pytest.mark.parametrize(
+    "make", [factory for _, factory in COMPRESSORS], ids=[name for name, _ in COMPRESSORS])
+params_shapes = pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+
+
+def generic(shape, seed=0, dtype=jnp.float32):
+  """A generic input: normal values, mixed magnitudes, no exact zeros needed."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal(shape) * rng.choice([0.1, 1.0, 5.0], size=shape)
+  return jnp.asarray(x, jnp.float32).astype(dtype)
+
+
+def assert_trees_equal(a, b):
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def is_stochastic(c):
+  """Whether the codec's output depends on its key (checked on a generic vector)."""
+  x = generic((200,), seed=9)
+  return not np.array_equal(np.asarray(c(jax.random.key(1), x)),
+                            np.asarray(c(jax.random.key(2), x)))
+
+
+# ----------------------------------------------------------------------------------------
+# The suite covers the registry.
+
+
+def test_ids_are_unique():
+  names = [name for name, _ in COMPRESSORS]
+  assert len(names) == len(set(names))
+
+
+def test_registry_is_covered():
+  covered = {factory().name for _, factory in COMPRESSORS}
+  missing = set(compressors.REGISTRY) - covered
+  assert not missing, f"REGISTRY names without a contract-test entry: {sorted(missing)}"
+
+
+@params_compressors
+def test_entry_is_a_compressor(make):
+  c = make()
+  assert isinstance(c, compressors.Compressor)
+  assert isinstance(c.unbiased, bool) and isinstance(c.commutes_with_sum, bool)
+  assert c.name in compressors.REGISTRY
+
+
+# ----------------------------------------------------------------------------------------
+# encode / decode / wire_bits.
+
+
+@params_compressors
+@params_shapes
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+def test_roundtrip_keeps_shape_and_dtype(make, shape, dtype):
+  c = make()
+  x = generic(shape, dtype=dtype)
+  out = c.decode(c.encode(jax.random.key(0), x))
+  assert out.shape == shape
+  assert out.dtype == dtype
+  assert np.all(np.isfinite(np.asarray(out, np.float32)))
+  # __call__ is decode(encode(...)).
+  assert_trees_equal(c(jax.random.key(0), x), out)
+
+
+@params_compressors
+@params_shapes
+def test_zeros_give_zeros(make, shape):
+  c = make()
+  out = np.asarray(c(jax.random.key(0), jnp.zeros(shape, jnp.float32)))
+  assert out.shape == shape
+  assert not np.any(np.isnan(out))
+  assert np.all(out == 0)
+
+
+@params_compressors
+@params_shapes
+def test_same_key_same_code_and_output(make, shape):
+  c = make()
+  x = generic(shape, seed=1)
+  a = c.encode(jax.random.key(7), x)
+  b = c.encode(jax.random.key(7), x)
+  assert_trees_equal(a, b)
+  assert_trees_equal(c.decode(a), c.decode(b))
+
+
+@params_compressors
+@params_shapes
+def test_wire_bits_equals_payload_bits(make, shape):
+  c = make()
+  code = c.encode(jax.random.key(0), generic(shape))
+  bits = c.wire_bits(shape)
+  assert isinstance(bits, int)
+  assert bits == compressors.payload_bits(code)
+  assert bits > 0
+
+
+@params_compressors
+def test_encode_decode_under_jit(make):
+  c = make()
+  x = generic((7, 13), seed=2)
+  key = jax.random.key(3)
+  eager_code = c.encode(key, x)
+  jit_code = jax.jit(c.encode)(key, x)
+  assert jax.tree_util.tree_structure(jit_code) == jax.tree_util.tree_structure(eager_code)
+  for a, b in zip(jax.tree_util.tree_leaves(jit_code), jax.tree_util.tree_leaves(eager_code)):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    if jnp.issubdtype(a.dtype, jnp.integer):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # same random draws
+    else:
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+  out = jax.jit(c.decode)(jit_code)
+  assert out.shape == x.shape and out.dtype == x.dtype
+  np.testing.assert_allclose(np.asarray(out), np.asarray(c.decode(eager_code)),
+                             rtol=1e-6, atol=1e-7)
+
+
+@params_compressors
+def test_encode_decode_under_vmap(make):
+  c = make()
+  n = 5
+  xs = generic((n, 40), seed=4)
+  keys = jax.random.split(jax.random.key(5), n)
+  codes = jax.vmap(c.encode)(keys, xs)
+  outs = jax.vmap(c.decode)(codes)
+  assert outs.shape == xs.shape and outs.dtype == xs.dtype
+  for i in range(n):
+    single = c.decode(c.encode(keys[i], xs[i]))
+    np.testing.assert_allclose(np.asarray(outs[i]), np.asarray(single), rtol=1e-6, atol=1e-7)
+    # Each batch element's code has exactly the unbatched payload size.
+    code_i = jax.tree_util.tree_map(lambda leaf: leaf[i], codes)
+    assert compressors.payload_bits(code_i) == c.wire_bits((40,))
+
+
+@params_compressors
+def test_unbiased_mean(make):
+  c = make()
+  if not c.unbiased:
+    pytest.skip("compressor does not claim to be unbiased")
+  num_draws, d = 4000, 200
+  x = generic((d,), seed=6)
+  keys = jax.random.split(jax.random.key(8), num_draws)
+  draws = np.asarray(jax.jit(jax.vmap(lambda k: c(k, x)))(keys), np.float64)
+  x64 = np.asarray(x, np.float64)
+  mse = float(np.mean(np.sum((draws - x64) ** 2, axis=1)))  # estimates E||C(x) - x||^2
+  mean_err = float(np.sum((draws.mean(axis=0) - x64) ** 2))
+  # If C is unbiased, mean - x has covariance Cov(C(x)) / K, so
+  # E||mean - x||^2 = E||C(x) - x||^2 / K = mse / K. Near-Gaussian (CLT over K draws),
+  # K ||mean - x||^2 / mse is sum_i w_i Z_i^2 with weights summing to 1, whose tail above
+  # 36 is at most that of one chi-square(1) (P < 2e-9): the 6-sigma bound. mse itself is
+  # known to a few percent at K = 4000. The last term absorbs float rounding of a
+  # deterministic codec (mse = 0) and is far below the statistical margin otherwise.
+  tol = 36.0 * mse / num_draws + 1e-10 * float(np.sum(x64**2))
+  assert mean_err <= tol, (mean_err, tol)
+
+
+# ----------------------------------------------------------------------------------------
+# Inside optax.
+
+
+def _leaf_keys(key, count, num_leaves):
+  """The documented key schedule of transforms.compress with axis_name=None."""
+  return jax.random.split(jax.random.fold_in(key, count), num_leaves)
+
+
+@params_compressors
+def test_in_optax_chain_under_jit(make):
+  c = make()
+  key = jax.random.key(0)
+  tx = optax.chain(transforms.compress(c, key=key), optax.sgd(0.1))
+  params = {"w": jnp.zeros((50,), jnp.float32), "b": jnp.zeros((3,), jnp.float32)}
+  state = tx.init(params)
+  traces = []
+
+  @jax.jit
+  def step(grads, state, params):
+    traces.append(1)  # Python side effect: runs once per trace, not per call
+    return tx.update(grads, state, params)
+
+  g1 = {"w": generic((50,), seed=10), "b": generic((3,), seed=11)}
+  g2 = {"w": generic((50,), seed=12), "b": generic((3,), seed=13)}
+  u1, state = step(g1, state, params)
+  u2, state = step(g2, state, params)
+
+  assert len(traces) == 1, "second call with same shapes re-traced"
+  if hasattr(step, "_cache_size"):  # private jax API (present in 0.10.2): one compilation
+    assert step._cache_size() == 1
+  for grads, updates, count in ((g1, u1, 0), (g2, u2, 1)):
+    assert jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(grads)
+    for name in grads:
+      assert updates[name].shape == grads[name].shape
+      assert updates[name].dtype == grads[name].dtype
+    # updates = -0.1 * compressor(leaf key, grad), leaves in tree_flatten order (b, w).
+    leaf_keys = _leaf_keys(key, count, 2)
+    for k, name in zip(leaf_keys, sorted(grads)):
+      np.testing.assert_allclose(np.asarray(updates[name]),
+                                 -0.1 * np.asarray(c(k, grads[name])), rtol=1e-5, atol=1e-7)
+  assert int(state[0].count) == 2
+
+
+@params_compressors
+def test_in_optax_keeps_mixed_dtypes(make):
+  c = make()
+  tx = optax.chain(transforms.compress(c, key=jax.random.key(0)), optax.sgd(0.1))
+  grads = {"w": generic((50,), seed=1), "b": generic((3,), seed=2, dtype=jnp.bfloat16)}
+  state = tx.init(grads)
+  updates, _ = jax.jit(tx.update)(grads, state, grads)
+  assert updates["w"].dtype == jnp.float32 and updates["w"].shape == (50,)
+  assert updates["b"].dtype == jnp.bfloat16 and updates["b"].shape == (3,)
+
+
+@params_compressors
+def test_step_count_changes_the_noise(make):
+  c = make()
+  tx = transforms.compress(c, key=jax.random.key(3), axis_name=None)
+  grads = {"w": generic((50,), seed=20), "b": generic((3,), seed=21)}
+  state0 = tx.init(grads)
+  update = jax.jit(tx.update)
+  u0, state1 = update(grads, state0)
+  u1, _ = update(grads, state1)
+  assert int(state0.count) == 0 and int(state1.count) == 1
+  # Same state, same output (a seed reproduces a run).
+  assert_trees_equal(update(grads, state0)[0], u0)
+  same = np.array_equal(np.asarray(u0["w"]), np.asarray(u1["w"]))
+  if is_stochastic(c):
+    assert not same, "step 0 and step 1 drew the same noise"
+  else:
+    assert same, "a deterministic codec gave different outputs at different steps"
+
+
+def test_qsgd_step_noise_differs():
+  # The stochastic case without relying on is_stochastic(): QSGD must differ across steps.
+  tx = transforms.compress(compressors.qsgd(4), key=jax.random.key(3), axis_name=None)
+  grads = {"w": generic((50,), seed=20)}
+  state0 = tx.init(grads)
+  u0, state1 = tx.update(grads, state0)
+  u1, _ = tx.update(grads, state1)
+  assert not np.array_equal(np.asarray(u0["w"]), np.asarray(u1["w"]))
+  # And both are unbiased-style estimates on the QSGD grid, not garbage.
+  scale = float(jnp.linalg.norm(grads["w"]))
+  for u in (u0, u1):
+    k = np.asarray(u["w"]) * 4 / scale
+    np.testing.assert_allclose(k, np.round(k), atol=1e-4)
