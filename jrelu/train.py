@@ -41,7 +41,7 @@ from jrelu import parallel
 from jrelu import planted
 from jrelu import transforms
 from jrelu import wire
-from jrelu.compressors.qsgd import NORMS
+from jrelu.compressors._qsgd import NORMS
 
 _DIM = flags.DEFINE_integer("dim", 1000, "Dimension d of the planted weights.", lower_bound=1)
 _NUM_SAMPLES = flags.DEFINE_integer(

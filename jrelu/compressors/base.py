@@ -11,7 +11,7 @@ A compressor is a pure, jit-able array codec:
 * ``unbiased``: ``E[decode(encode(key, x))] == x`` over the key.
 * ``commutes_with_sum``: codes may be summed before decoding.
 
-A new compressor is one module under ``jrelu/compressors/`` that subclasses
+A new compressor is one module ``jrelu/compressors/_NAME.py`` that subclasses
 :class:`Compressor`, plus one line in ``jrelu.compressors.REGISTRY`` and one in the test
 suite's list.
 """
