@@ -199,6 +199,7 @@ def train(config: Config, devices) -> dict:
   summary = {
       **dataclasses.asdict(config),
       "status": "running",
+      "initial_relative_error": float(planted.relative_error(params, w_star)),
       "relative_error": float(planted.relative_error(params, w_star)),
       "steps": 0,
       "steps_to_target": None,
@@ -254,7 +255,7 @@ def train(config: Config, devices) -> dict:
             "relative_error": float(errors[-1]),
             "loss": float(losses[-1]),
             "steps_per_second": length / elapsed,
-            "elapsed_seconds": summary["run_seconds"],
+            "run_seconds": summary["run_seconds"],
             "cumulative_wire_bits_per_device": summary["steps"] * bits.sent_bits,
         }
         history.append(record)
@@ -269,7 +270,7 @@ def train(config: Config, devices) -> dict:
     if summary["run_seconds"] > 0:
       summary["steps_per_second"] = summary["steps"] / summary["run_seconds"]
     _write_json(os.path.join(config.workdir, "summary.json"), summary)
-    _plot(history, config)
+    _plot(history, summary)
   if summary["status"] == "diverged":
     raise DivergedError(summary["diverged_at_step"], config.workdir)
   return summary
@@ -283,8 +284,8 @@ def _write_json(path, obj):
   os.replace(tmp, path)
 
 
-def _plot(history, config):
-  """Relative error versus step, when matplotlib is installed (it is optional)."""
+def _plot(history, summary):
+  """Relative error versus step and versus bits sent, if matplotlib is installed."""
   if not history:
     return
   try:
@@ -293,16 +294,22 @@ def _plot(history, config):
     import matplotlib.pyplot as plt
   except ImportError:
     return
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  ax.semilogy([r["step"] for r in history], [r["relative_error"] for r in history], "o-",
-              markersize=3)
-  ax.set_xlabel("step")
-  ax.set_ylabel(r"$\|w - w^*\| / \|w^*\|$")
-  label = "float32 SGD" if config.compressor == "none" else config.compressor
-  ax.set_title(f"{label}, {config.aggregation}, d={config.dim}", fontsize=10)
-  ax.grid(True, which="both", alpha=0.3)
+  steps = [0] + [r["step"] for r in history]
+  errors = [summary["initial_relative_error"]] + [r["relative_error"] for r in history]
+  megabits = [0.0] + [r["cumulative_wire_bits_per_device"] / 1e6 for r in history]
+  fig, (by_step, by_bits) = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+  for ax, x, label in ((by_step, steps, "step"),
+                       (by_bits, megabits, "Mbit sent per device (from HLO)")):
+    ax.semilogy(x, errors, "o-", markersize=3)
+    ax.set_xlabel(label)
+    ax.grid(True, which="both", alpha=0.3)
+  by_step.set_ylabel(r"$\|w - w^*\| / \|w^*\|$")
+  codec = ("float32 SGD" if summary["compressor"] == "none" else
+           f"{summary['compressor']} s={summary['num_levels']} ({summary['norm']})")
+  fig.suptitle(f"{codec}, {summary['aggregation']}, {summary['num_devices']} devices, "
+               f"d={summary['dim']}", fontsize=10)
   fig.tight_layout()
-  fig.savefig(os.path.join(config.workdir, "relative_error.png"), dpi=100)
+  fig.savefig(os.path.join(summary["workdir"], "relative_error.png"), dpi=100)
   plt.close(fig)
 
 

@@ -92,3 +92,19 @@ def test_bad_input_prints_one_line_and_exits_nonzero(tmp_path, flags, named):
   assert result.stderr.strip().splitlines()[-1] == error_lines(result)[0]
   (line,) = error_lines(result)
   assert named in line
+
+
+def test_last_chunk_may_be_shorter_and_target_zero_never_stops(tmp_path):
+  import jax
+  from jrelu import train as train_lib
+  config = train_lib.Config(dim=20, num_samples=100, batch_size=16, num_steps=25,
+                            log_every=10, learning_rate=0.1, target_relative_error=0,
+                            workdir=str(tmp_path))
+  summary = train_lib.train(config, jax.devices()[:8])
+  assert (summary["status"], summary["steps"], summary["steps_to_target"]) == (
+      "finished", 25, None)
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [10, 20, 25]
+  assert records[-1]["relative_error"] < summary["initial_relative_error"] == 1.0
+  assert records[-1]["cumulative_wire_bits_per_device"] == (
+      25 * summary["wire_bits_per_step_per_device"])
