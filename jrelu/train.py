@@ -216,8 +216,11 @@ def train(config: Config, devices) -> dict:
       "jax_version": jax.__version__,
       "backend": jax.default_backend(),
   }
-  logging.info("wire: %.0f bits per step per device (float32 all-reduce: %.0f, %.1fx fewer)",
-               bits.sent_bits, float32_bits, summary["compression_ratio"] or float("nan"))
+  if bits.sent_bits:
+    logging.info("wire: %.0f bits per step per device (float32 all-reduce: %.0f, %.1fx fewer)",
+                 bits.sent_bits, float32_bits, summary["compression_ratio"])
+  else:
+    logging.info("wire: no traffic between devices (%d device)", n_dev)
 
   programs = {}
   metrics_path = os.path.join(config.workdir, "metrics.jsonl")
