@@ -15,6 +15,15 @@ bit for bit, on every device:
 
 ``wire_bits`` predicts the bits one device sends per call under the cost model of
 ``jrelu.wire``; a test checks it against the compiled program.
+
+With ``bucket_size=None`` a QSGD code in ``two_phase`` carries one scale per chunk of
+``ceil(d/N)`` coordinates, which lowers its variance compared with one scale for all d.
+
+References:
+  Alistarh et al., "QSGD", arXiv 1610.02132 (Algorithm 1: every worker decodes every
+  other worker's code, i.e. ``all_gather``); Tang et al., "1-bit Adam: Communication
+  Efficient Large-Scale Training with Adam's Convergence Speed", arXiv 2102.02888 (the
+  two-phase compressed all-reduce).
 """
 
 from __future__ import annotations

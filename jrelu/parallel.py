@@ -76,6 +76,11 @@ def make_step(loss_fn: Callable, batch_fn: Callable, tx: optax.GradientTransform
   Example:
     >>> step = make_step(planted.loss, batch_fn, tx)
     >>> run = pmapped(scan_steps(step, 100), jax.devices())
+
+  References:
+    Kalan, Soltanolkotabi, Avestimehr, "Fitting ReLUs via SGD and Quantized SGD",
+    arXiv 1901.06587 (mini-batch gradients computed across workers, quantized, averaged);
+    Alistarh et al., "QSGD", arXiv 1610.02132, Algorithm 1.
   """
 
   def step(state: TrainState, data, key):

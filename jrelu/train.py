@@ -345,6 +345,7 @@ def _parse_flags(argv):
 
 
 def main(argv):
+  """absl main: flags -> devices -> :func:`train`; errors become one line and an exit status."""
   for noisy in ("jax._src.xla_bridge", "matplotlib"):
     std_logging.getLogger(noisy).setLevel(std_logging.WARNING)
   if len(argv) > 1:
