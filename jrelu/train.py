@@ -147,17 +147,6 @@ def check_workdir(workdir: str) -> None:
                      f"({e.strerror or e})") from None
 
 
-def _planted_batch(batch_size):
-  def batch_fn(key, data, shard_index, num_shards):
-    dataset, _ = data
-    return planted.minibatch(key, dataset, batch_size, shard_index, num_shards)
-  return batch_fn
-
-
-def _planted_metrics(params, data):
-  return {"relative_error": planted.relative_error(params, data[1])}
-
-
 def train(config: Config, devices) -> dict:
   """Runs one training job and writes its metrics and summary into ``config.workdir``.
 
@@ -188,8 +177,8 @@ def train(config: Config, devices) -> dict:
       transforms.compress(compressor, key=tx_key, axis_name=parallel.AXIS_NAME,
                           aggregation=config.aggregation),
       optax.sgd(config.learning_rate))
-  step = parallel.make_step(planted.loss, _planted_batch(config.batch_size), tx,
-                            metrics_fn=_planted_metrics)
+  step = parallel.make_step(planted.loss, planted.make_batch_fn(config.batch_size), tx,
+                            metrics_fn=planted.metrics_fn)
   state, data, batch_key = parallel.replicate(
       (parallel.init_state(params, tx), (dataset, w_star), batch_key), devices)
 

@@ -27,11 +27,7 @@ def make_tx(compressor=None, aggregation="two_phase", learning_rate=0.4, axis_na
 
 
 def batch_fn(batch_size=BATCH_SIZE):
-  return lambda key, data, i, n: planted.minibatch(key, data[0], batch_size, i, n)
-
-
-def metrics_fn(params, data):
-  return {"relative_error": planted.relative_error(params, data[1])}
+  return planted.make_batch_fn(batch_size)
 
 
 def replicated_inputs(tx, devices, data=None, dim=DIM):
@@ -42,6 +38,6 @@ def replicated_inputs(tx, devices, data=None, dim=DIM):
 
 def run(tx, devices, num_steps, wrapper="pmap", batch_size=BATCH_SIZE, data=None):
   """Runs ``num_steps`` steps on ``devices``; returns (state, metrics) with device axis."""
-  step = parallel.make_step(planted.loss, batch_fn(batch_size), tx, metrics_fn=metrics_fn)
+  step = parallel.make_step(planted.loss, batch_fn(batch_size), tx, metrics_fn=planted.metrics_fn)
   fn = parallel.wrap(wrapper, parallel.scan_steps(step, num_steps), devices)
   return fn(*replicated_inputs(tx, devices, data))

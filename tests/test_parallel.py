@@ -24,7 +24,7 @@ def test_identity_on_8_devices_matches_single_device_whole_batch():
   single_tx = helpers.make_tx(axis_name=None)
   single = parallel.scan_steps(
       parallel.make_step(planted.loss, helpers.batch_fn(), single_tx,
-                         metrics_fn=helpers.metrics_fn, axis_name=None), 20)
+                         metrics_fn=planted.metrics_fn, axis_name=None), 20)
   data = helpers.problem()
   ref_state, ref_metrics = jax.jit(single)(
       parallel.init_state(jnp.zeros(helpers.DIM), single_tx), data, jax.random.key(4))

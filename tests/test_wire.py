@@ -23,7 +23,7 @@ def measured_bits(compressor, strategy, num_devices, dim=1000, wrapper="pmap"):
   tx = helpers.make_tx(compressor, strategy)
   data = helpers.problem(dim, num_samples=64)
   step = parallel.make_step(planted.loss, helpers.batch_fn(64), tx,
-                            metrics_fn=helpers.metrics_fn)
+                            metrics_fn=planted.metrics_fn)
   inputs = helpers.replicated_inputs(tx, devices, data, dim)
   return wire.measure(parallel.wrap(wrapper, step, devices), *inputs)
 
