@@ -121,7 +121,21 @@ def scan_steps(step: Callable, num_steps: int):
 
 
 def pmapped(fn: Callable, devices, axis_name: str = AXIS_NAME):
-  """``jax.pmap`` of a per-device function over ``devices`` (leading axis N everywhere)."""
+  """``jax.pmap`` of a per-device function over ``devices``.
+
+  Args:
+    fn: per-device function, e.g. ``scan_steps(make_step(...), k)``.
+    devices: the N devices.
+    axis_name: the name collectives inside ``fn`` use.
+
+  Returns:
+    A function whose arguments and results carry a leading axis of size N (build the
+    inputs with :func:`replicate`).
+
+  Example:
+    >>> run = pmapped(scan_steps(step, 100), devices)
+    >>> state, metrics = run(*replicate((state, data, key), devices))
+  """
   return jax.pmap(fn, axis_name=axis_name, devices=list(devices))
 
 
@@ -130,6 +144,17 @@ def shard_mapped(fn: Callable, devices, axis_name: str = AXIS_NAME):
 
   Same interface and numbers as :func:`pmapped`: arguments have a leading axis of size N
   and ``fn`` sees one device's slice without that axis.
+
+  Args:
+    fn: per-device function.
+    devices: the N devices, laid out as a one-axis mesh.
+    axis_name: the mesh axis name collectives inside ``fn`` use.
+
+  Returns:
+    A jitted function over ``[N, ...]`` arguments sharded along axis 0.
+
+  Example:
+    >>> run = shard_mapped(scan_steps(step, 100), devices)
   """
   mesh = Mesh(np.asarray(list(devices)), (axis_name,))
   spec = PartitionSpec(axis_name)
@@ -179,7 +204,18 @@ def replicate(tree, devices):
 
 
 def unreplicate(tree):
-  """Device 0's copy of every leaf of a replicated pytree."""
+  """Device 0's copy of every leaf of a replicated pytree.
+
+  Args:
+    tree: pytree with leaves of shape ``[N, *shape]`` (from :func:`replicate` or a
+      wrapped step).
+
+  Returns:
+    The pytree with leaves of shape ``shape``.
+
+  Example:
+    >>> params = unreplicate(state.params)
+  """
   return jax.tree_util.tree_map(lambda a: a[0], tree)
 
 

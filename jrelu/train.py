@@ -185,11 +185,12 @@ def train(config: Config, devices) -> dict:
   bits = wire.measure(parallel.wrap(config.parallel, step, devices), state, data, batch_key)
   predicted_bits = aggregation.wire_bits(config.aggregation, compressor, (config.dim,), n_dev)
   float32_bits = aggregation.float32_allreduce_bits((config.dim,), n_dev)
+  initial_error = float(planted.relative_error(params, w_star))
   summary = {
       **dataclasses.asdict(config),
       "status": "running",
-      "initial_relative_error": float(planted.relative_error(params, w_star)),
-      "relative_error": float(planted.relative_error(params, w_star)),
+      "initial_relative_error": initial_error,
+      "relative_error": initial_error,
       "steps": 0,
       "steps_to_target": None,
       "wire_bits_per_step_per_device": bits.sent_bits,
