@@ -12,6 +12,22 @@ bit for bit, on every device:
   device's code for chunk j; decode and average it; re-encode the average with a fresh
   key; all-gather those codes and decode. About ``2 (N - 1) / N`` code sizes per device,
   flat in N, and unbiased when the codec is (the re-encoding is independent noise).
+* ``majority_vote``: ``two_phase`` for the unscaled sign codec, where decoding, averaging
+  and re-encoding the N received sign chunks is exactly the majority vote of
+  Bernstein et al.: each device votes on its chunk and all-gathers the packed vote.
+* ``integer_psum``: for shared-scale integer codecs (``integer_sum``: QSGD, TernGrad).
+  Scales are made common with a ``pmax`` (one float each), every device quantizes against
+  them, the levels are offset to be non-negative and packed ``32 // w`` to a uint32 word
+  with ``w = bits_for(2 L N + 1)`` bits per field, and the words are all-reduced as
+  integers: the sum of N fields is at most ``2 L N < 2**w``, so no field overflows into
+  its neighbour. Unbiased when the codec is; costs ``2 (N-1)/N`` packed-word sizes.
+
+Codecs with common randomness (``Compressor.bind``) are bound to a key every device
+knows before encoding, so their codes carry no seed.
+
+Every strategy also returns this device's *local* estimate, the decoded value of what it
+contributed (for ``two_phase``, its own first-phase chunk codes): error feedback
+(``jrelu.transforms.error_feedback``) keeps ``x - local`` as its residual.
 
 ``wire_bits`` predicts the bits one device sends per call under the cost model of
 ``jrelu.wire``; a test checks it against the compiled program.
@@ -32,18 +48,54 @@ import jax
 import jax.numpy as jnp
 
 from jrelu.compressors import base
+from jrelu.compressors import bitpack
 
-STRATEGIES = ("psum", "all_gather", "two_phase")
+STRATEGIES = ("psum", "all_gather", "two_phase", "majority_vote", "integer_psum")
 
 
-def check_strategy(strategy: str) -> str:
-  """Returns ``strategy`` if known, else raises ``ValueError`` naming the choices."""
+def check_strategy(strategy: str, compressor: base.Compressor | None = None) -> str:
+  """Returns ``strategy`` if known (and usable with ``compressor``, when given).
+
+  Raises:
+    ValueError: naming the choices for an unknown strategy, or saying why ``compressor``
+      cannot use it (``majority_vote`` needs the unscaled sign codec, ``integer_psum`` a
+      shared-scale integer codec).
+  """
   if strategy not in STRATEGIES:
     raise ValueError(f"aggregation must be one of {STRATEGIES}, got {strategy!r}")
+  if compressor is not None:
+    if strategy == "majority_vote" and not compressor.majority_vote:
+      raise ValueError(f"aggregation 'majority_vote' needs a sign codec without scale "
+                       f"(compressors.sign()), got {compressor!r}")
+    if strategy == "integer_psum" and not compressor.integer_sum:
+      raise ValueError(f"aggregation 'integer_psum' needs a shared-scale integer codec "
+                       f"(qsgd, terngrad), got {compressor!r}")
   return strategy
 
 
-def aggregate(strategy: str, compressor: base.Compressor, key, x, axis_name: str):
+def supported(compressor: base.Compressor) -> tuple[str, ...]:
+  """The strategies ``compressor`` can be aggregated with, in ``STRATEGIES`` order."""
+  ok = []
+  for strategy in STRATEGIES:
+    try:
+      check_strategy(strategy, compressor)
+    except ValueError:
+      continue
+    ok.append(strategy)
+  return tuple(ok)
+
+
+def common_key(step_key):
+  """The key every device shares in a step, for codecs with common randomness.
+
+  ``step_key`` is the per-step key *before* the device index is folded in; the salt
+  keeps it apart from every per-device key ``fold_in(step_key, axis_index)``.
+  """
+  return jax.random.fold_in(step_key, 0x7FFFFFFF)
+
+
+def aggregate(strategy: str, compressor: base.Compressor, key, x, axis_name: str,
+              common_key=None):
   """Averages compressed ``x`` over ``axis_name``.
 
   Args:
@@ -53,28 +105,53 @@ def aggregate(strategy: str, compressor: base.Compressor, key, x, axis_name: str
       independent noise).
     x: this device's array, any shape, floating dtype.
     axis_name: the mapped axis to average over (must be bound by pmap / shard_map).
+    common_key: a key identical on every device, used by codecs with common randomness
+      (see :func:`common_key`); None binds nothing (such codecs then send a seed).
 
   Returns:
     An array of ``x``'s shape and dtype: the compressed mean over devices, identical on
     every device.
 
   Raises:
-    ValueError: if ``strategy`` is unknown.
+    ValueError: if ``strategy`` is unknown or does not fit ``compressor``.
 
   Example:
     >>> # inside jax.pmap(..., axis_name="data"):
     >>> g_hat = aggregate("two_phase", qsgd(4), key, g, "data")
   """
-  return _STRATEGY_FNS[check_strategy(strategy)](compressor, key, x, axis_name)
+  return aggregate_with_local(strategy, compressor, key, x, axis_name, common_key)[0]
+
+
+def aggregate_with_local(strategy: str, compressor: base.Compressor, key, x,
+                         axis_name: str, common_key=None):
+  """Like :func:`aggregate`, and also returns this device's local estimate.
+
+  Returns:
+    ``(mean, local)``, both of ``x``'s shape and dtype: ``mean`` is the compressed mean
+    (identical on every device); ``local`` is the decoded value of what this device
+    contributed, so ``x - local`` is its compression error (error feedback's residual).
+    For ``two_phase`` and ``majority_vote`` that is its first-phase chunk codes; for
+    ``integer_psum`` its levels under the shared scales.
+
+  Raises:
+    ValueError: if ``strategy`` is unknown or does not fit ``compressor``.
+  """
+  check_strategy(strategy, compressor)
+  if common_key is not None:
+    compressor = compressor.bind(common_key)
+  mean, local = _STRATEGY_FNS[strategy](compressor, key, x, axis_name)
+  return mean.astype(x.dtype), local.astype(x.dtype)
 
 
 def _psum(compressor, key, x, axis_name):
-  return jax.lax.pmean(compressor(key, x), axis_name)
+  local = compressor(key, x)
+  return jax.lax.pmean(local, axis_name), local
 
 
 def _all_gather(compressor, key, x, axis_name):
-  codes = jax.lax.all_gather(compressor.encode(key, x), axis_name)
-  return jnp.mean(jax.vmap(compressor.decode)(codes), axis=0).astype(x.dtype)
+  code = compressor.encode(key, x)
+  codes = jax.lax.all_gather(code, axis_name)
+  return jnp.mean(jax.vmap(compressor.decode)(codes), axis=0), compressor.decode(code)
 
 
 def _two_phase(compressor, key, x, axis_name):
@@ -89,10 +166,27 @@ def _two_phase(compressor, key, x, axis_name):
   received = jax.lax.all_to_all(codes, axis_name, 0, 0)
   mine = jnp.mean(jax.vmap(compressor.decode)(received), axis=0)
   gathered = jax.lax.all_gather(compressor.encode(gather_key, mine), axis_name)
-  return jax.vmap(compressor.decode)(gathered).reshape(-1)[:d].reshape(x.shape)
+  mean = jax.vmap(compressor.decode)(gathered).reshape(-1)[:d].reshape(x.shape)
+  local = jax.vmap(compressor.decode)(codes).reshape(-1)[:d].reshape(x.shape)
+  return mean, local
 
 
-_STRATEGY_FNS = {"psum": _psum, "all_gather": _all_gather, "two_phase": _two_phase}
+def _integer_psum(compressor, key, x, axis_name):
+  n = jax.lax.axis_size(axis_name)
+  top = compressor.max_level
+  width = bitpack.bits_for(2 * top * n + 1)
+  d = base.num_elements(x.shape)
+  scales = jax.lax.pmax(compressor.scales(x), axis_name)
+  levels = compressor.quantize(key, x, scales)
+  words = bitpack.pack_aligned(levels + top, width)
+  total = bitpack.unpack_aligned(jax.lax.psum(words, axis_name), width, d)
+  summed = total.astype(jnp.int32) - n * top
+  mean = compressor.dequantize(summed, scales, x.shape, jnp.float32) / n
+  return mean, compressor.dequantize(levels, scales, x.shape, jnp.float32)
+
+
+_STRATEGY_FNS = {"psum": _psum, "all_gather": _all_gather, "two_phase": _two_phase,
+                 "majority_vote": _two_phase, "integer_psum": _integer_psum}
 
 
 def chunk_size(num_values: int, num_devices: int) -> int:
@@ -111,25 +205,35 @@ def wire_bits(strategy: str, compressor: base.Compressor, shape, num_devices: in
 
   Returns:
     ``psum``: ``2 (N-1)/N * 32 d`` (a float32 all-reduce); ``all_gather``:
-    ``(N-1) * wire_bits(shape)``; ``two_phase``: ``2 (N-1) * wire_bits((ceil(d/N),))``
-    (an all-to-all of N chunk codes plus an all-gather of one).
+    ``(N-1) * wire_bits(shape)``; ``two_phase`` and ``majority_vote``:
+    ``2 (N-1) * wire_bits((ceil(d/N),))`` (an all-to-all of N chunk codes plus an
+    all-gather of one); ``integer_psum``: ``2 (N-1)/N * 32 * (num_scales +
+    aligned_words(d, bits_for(2 L N + 1)))`` (a pmax of the scales and an integer
+    all-reduce of the packed levels). Codecs with common randomness are counted bound
+    (no seed), as ``aggregate`` runs them.
 
   Raises:
-    ValueError: if ``strategy`` is unknown or ``num_devices < 1``.
+    ValueError: if ``strategy`` is unknown or unfit for ``compressor``, or
+      ``num_devices < 1``.
 
   Example:
     >>> wire_bits("two_phase", qsgd(1), (1000,), 8)   # vs 56000 for float32 psum
     4032
   """
-  check_strategy(strategy)
   if num_devices < 1:
     raise ValueError(f"num_devices must be >= 1, got {num_devices!r}")
   n = num_devices
   d = base.num_elements(shape)
   if strategy == "psum":
     return 2 * (n - 1) / n * 32 * d
+  check_strategy(strategy, compressor)
+  compressor = compressor.bind(jax.random.key(0))
   if strategy == "all_gather":
     return (n - 1) * compressor.wire_bits(tuple(shape))
+  if strategy == "integer_psum":
+    width = bitpack.bits_for(2 * compressor.max_level * n + 1)
+    words = compressor.num_scales(tuple(shape)) + bitpack.aligned_words(d, width)
+    return 2 * (n - 1) / n * 32 * words
   return 2 * (n - 1) * compressor.wire_bits((chunk_size(d, n),))
 
 

@@ -14,7 +14,13 @@ every device. With ``axis_name=None`` it only compresses (single device).
 
 Randomness: the state holds a typed PRNG key; each step uses
 ``fold_in(fold_in(rng_key, count), axis_index)`` and one split per leaf, so devices and
-leaves draw independent noise and a seed reproduces a run bit for bit.
+leaves draw independent noise and a seed reproduces a run bit for bit. Codecs with common
+randomness (FO-SGD's rotation, rand-k's indices) are bound to
+``aggregation.common_key(fold_in(rng_key, count))`` split per leaf, which every device
+shares, so their codes carry no seed.
+
+``error_feedback(compressor, ...)`` adds the per-device residual of EF-SGD, and
+``signum(...)`` is momentum before the sign with a majority vote.
 """
 
 from __future__ import annotations
@@ -27,6 +33,19 @@ import optax
 
 from jrelu import aggregation as aggregation_lib
 from jrelu import compressors
+
+
+class ErrorFeedbackState(NamedTuple):
+  """State of :func:`error_feedback`.
+
+  Attributes:
+    count: int32 scalar, number of updates so far.
+    rng_key: typed PRNG key array, the transform's base key.
+    error: pytree like the updates (float32), this device's residual ``e``.
+  """
+  count: jax.Array
+  rng_key: jax.Array
+  error: optax.Updates
 
 
 class CompressState(NamedTuple):
@@ -64,8 +83,10 @@ def compress(compressor: compressors.Compressor, *, key, axis_name: str | None =
     key: a PRNG key (``jax.random.key(seed)``); the same key gives the same run.
     axis_name: name of the mapped device axis, or None for single-device use (compress
       and decode only, no communication).
-    aggregation: one of ``jrelu.aggregation.STRATEGIES`` (``"psum"``, ``"all_gather"``,
-      ``"two_phase"``); ignored when ``axis_name`` is None.
+    aggregation: one of ``jrelu.aggregation.STRATEGIES`` that fits the codec (``"psum"``,
+      ``"all_gather"``, ``"two_phase"``, ``"majority_vote"`` for the sign codec,
+      ``"integer_psum"`` for shared-scale integer codecs); ignored when ``axis_name`` is
+      None.
 
   Returns:
     An ``optax.GradientTransformation``. ``update(grads, state, params=None)`` maps a
@@ -88,7 +109,7 @@ def compress(compressor: compressors.Compressor, *, key, axis_name: str | None =
   if not isinstance(compressor, compressors.Compressor):
     raise ValueError(f"compressor must be a jrelu.compressors.Compressor, got {compressor!r}")
   key = as_typed_key(key)
-  aggregation_lib.check_strategy(aggregation)
+  aggregation_lib.check_strategy(aggregation, compressor if axis_name is not None else None)
 
   def init_fn(params):
     del params
@@ -96,21 +117,134 @@ def compress(compressor: compressors.Compressor, *, key, axis_name: str | None =
 
   def update_fn(updates, state, params=None):
     del params
-    step_key = jax.random.fold_in(state.rng_key, state.count)
-    if axis_name is not None:
-      step_key = jax.random.fold_in(step_key, jax.lax.axis_index(axis_name))
-    leaves, treedef = jax.tree_util.tree_flatten(updates)
-    keys = jax.random.split(step_key, max(len(leaves), 1))
-    if axis_name is None:
-      out = [compressor(k, g) for k, g in zip(keys, leaves)]
-    else:
-      out = [aggregation_lib.aggregate(aggregation, compressor, k, g, axis_name)
-             for k, g in zip(keys, leaves)]
-    new_state = CompressState(count=optax.safe_int32_increment(state.count),
-                              rng_key=state.rng_key)
-    return jax.tree_util.tree_unflatten(treedef, out), new_state
+    means, _ = _compressed_mean(compressor, aggregation, axis_name, state, updates)
+    return means, CompressState(count=optax.safe_int32_increment(state.count),
+                                rng_key=state.rng_key)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _compressed_mean(compressor, aggregation, axis_name, state, updates):
+  """Per-leaf compressed means and local estimates under the documented key schedule."""
+  shared_key = jax.random.fold_in(state.rng_key, state.count)
+  step_key = shared_key
+  if axis_name is not None:
+    step_key = jax.random.fold_in(shared_key, jax.lax.axis_index(axis_name))
+  leaves, treedef = jax.tree_util.tree_flatten(updates)
+  num_keys = max(len(leaves), 1)
+  keys = jax.random.split(step_key, num_keys)
+  if axis_name is None:
+    out = [compressor(k, g) for k, g in zip(keys, leaves)]
+    pairs = [(y, y) for y in out]
+  else:
+    common = jax.random.split(aggregation_lib.common_key(shared_key), num_keys)
+    pairs = [aggregation_lib.aggregate_with_local(aggregation, compressor, k, g, axis_name, c)
+             for k, g, c in zip(keys, leaves, common)]
+  means = jax.tree_util.tree_unflatten(treedef, [m for m, _ in pairs])
+  local = jax.tree_util.tree_unflatten(treedef, [l for _, l in pairs])
+  return means, local
+
+
+def error_feedback(inner: compressors.Compressor, *, key, axis_name: str | None = None,
+                   aggregation: str = "two_phase") -> optax.GradientTransformation:
+  """Error-feedback compression (EF-SGD): compresses ``g + e`` and keeps ``e``'s residual.
+
+  Each device keeps its own residual ``e`` (zeros at first). With ``p = g + e`` it sends
+  ``C(p)`` through the aggregation, returns the compressed mean, and keeps
+  ``e <- p - C_local(p)``, where ``C_local(p)`` is the decoded value of what this device
+  sent (see ``jrelu.aggregation.aggregate_with_local``). With a constant step size
+  ``lr`` (``optax.sgd(lr)`` after this transform) this is Karimireddy et al.'s
+  ``p_t = lr g_t + e_t`` up to the factor ``lr``; with a schedule the residual is kept in
+  gradient units. Under ``two_phase`` only the first (device) compression is fed back;
+  the re-encoding of the averaged chunk is not (its error is independent across steps for
+  unbiased codecs, and small for the others).
+
+  Works with any codec; it is what biased ones (top-k, scaled sign, PowerSGD-like
+  low-rank codecs) need to converge at SGD's rate.
+
+  Args:
+    inner: the codec ``C``, e.g. ``jrelu.compressors.top_k(fraction=0.1)``.
+    key: a PRNG key.
+    axis_name: mapped device axis, or None for single-device use.
+    aggregation: one of ``jrelu.aggregation.STRATEGIES`` that fits ``inner``.
+
+  Returns:
+    An ``optax.GradientTransformation`` with :class:`ErrorFeedbackState`.
+
+  Raises:
+    ValueError: if ``inner`` is not a Compressor, ``key`` is not a PRNG key or the
+      aggregation is unknown or unfit.
+
+  Example:
+    >>> tx = optax.chain(
+    ...     error_feedback(compressors.top_k(fraction=0.1), key=jax.random.key(0),
+    ...                    axis_name="data"),
+    ...     optax.sgd(0.5))
+
+  References:
+    Karimireddy, Rebjock, Stich, Jaggi, "Error Feedback Fixes SignSGD and other Gradient
+    Compression Schemes", ICML 2019, arXiv 1901.09847; Stich, Cordonnier, Jaggi,
+    "Sparsified SGD with Memory", NeurIPS 2018, arXiv 1809.07599.
+  """
+  if not isinstance(inner, compressors.Compressor):
+    raise ValueError(f"inner must be a jrelu.compressors.Compressor, got {inner!r}")
+  key = as_typed_key(key)
+  if axis_name is not None:
+    aggregation_lib.check_strategy(aggregation, inner)
+
+  def init_fn(params):
+    error = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    return ErrorFeedbackState(count=jnp.zeros((), jnp.int32), rng_key=key, error=error)
+
+  def update_fn(updates, state, params=None):
+    del params
+    corrected = jax.tree_util.tree_map(lambda g, e: g.astype(jnp.float32) + e, updates,
+                                       state.error)
+    means, local = _compressed_mean(inner, aggregation, axis_name, state, corrected)
+    error = jax.tree_util.tree_map(lambda p, c: p - c.astype(jnp.float32), corrected, local)
+    means = jax.tree_util.tree_map(lambda m, g: m.astype(g.dtype), means, updates)
+    return means, ErrorFeedbackState(count=optax.safe_int32_increment(state.count),
+                                     rng_key=state.rng_key, error=error)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def signum(beta: float = 0.9, *, key, axis_name: str | None = None,
+           aggregation: str = "majority_vote") -> optax.GradientTransformation:
+  """Signum with majority vote: momentum on each device, then the sign, then the vote.
+
+  ``m <- beta m + (1 - beta) g`` on each device (``optax.ema`` without debiasing), then
+  :func:`compress` with the unscaled sign codec. Follow it with ``optax.sgd(lr)`` (the
+  sign step ``-lr * sign(vote)``), ideally with a decaying schedule.
+
+  Args:
+    beta: momentum in ``[0, 1)``; 0 is signSGD.
+    key: a PRNG key (the sign codec is deterministic; the key keeps the signature
+      uniform).
+    axis_name: mapped device axis, or None for single-device Signum.
+    aggregation: ``"majority_vote"`` (default), or any strategy that fits the sign codec.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Raises:
+    ValueError: if ``beta`` is outside ``[0, 1)``.
+
+  Example:
+    >>> tx = optax.chain(signum(0.9, key=jax.random.key(0), axis_name="data"),
+    ...                  optax.sgd(optax.exponential_decay(1e-3, 100, 0.5)))
+
+  References:
+    Bernstein, Wang, Azizzadenesheli, Anandkumar, "signSGD: Compressed Optimisation for
+    Non-Convex Problems", ICML 2018, arXiv 1802.04434; Bernstein, Zhao, Azizzadenesheli,
+    Anandkumar, "signSGD with Majority Vote is Communication Efficient and Fault
+    Tolerant", ICLR 2019, arXiv 1810.05291.
+  """
+  if not 0 <= beta < 1:
+    raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+  return optax.chain(
+      optax.ema(beta, debias=False),
+      compress(compressors.sign(), key=key, axis_name=axis_name, aggregation=aggregation))
 
 
 def qsgd(num_levels: int, *, key, axis_name: str | None = None,

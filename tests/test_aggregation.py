@@ -32,7 +32,7 @@ def draws(strategy, compressor):
   return np.asarray(x), np.asarray(out)  # out: [N devices, K draws, D]
 
 
-@pytest.mark.parametrize("strategy", aggregation.STRATEGIES)
+@pytest.mark.parametrize("strategy", aggregation.supported(compressors.qsgd(1)))
 @pytest.mark.parametrize("num_levels", [1, 4])
 def test_unbiased_mean_over_devices(strategy, num_levels):
   x, out = draws(strategy, compressors.qsgd(num_levels))
@@ -66,12 +66,57 @@ def test_two_phase_variance_below_sum_of_both_phases_bound():
   assert mse <= phase1 + phase2_upper
 
 
+def test_integer_psum_is_exact_at_the_extremes():
+  """Every |x_j| equal to its scale makes every level +-s deterministically: the packed
+  fields then hold 0 or 2s on every device, the largest sums integer_psum must carry
+  (2 s N < 2**bits_for(2 s N + 1)), and the result must be the exact mean."""
+  s = 4
+  signs = jnp.where(jax.random.bernoulli(jax.random.key(5), 0.5, (N, D)), 1.0, -1.0)
+  signs = signs.at[:, :3].set(1.0).at[:, 3:6].set(-1.0)  # all-max and all-min columns
+  x = 0.75 * signs
+
+  def per_device(x_i):
+    return aggregation.aggregate("integer_psum", compressors.qsgd(s, norm="max"),
+                                 jax.random.key(0), x_i, "data")
+
+  out = np.asarray(jax.pmap(per_device, axis_name="data", devices=jax.devices()[:N])(x))
+  np.testing.assert_allclose(out[0], np.asarray(x).mean(axis=0), rtol=0, atol=1e-7)
+  np.testing.assert_array_equal(out[0, :3], 0.75)
+  np.testing.assert_array_equal(out[0, 3:6], -0.75)
+
+
+def test_local_estimate_is_what_the_device_sent():
+  """aggregate_with_local's second output is this device's own decoded contribution:
+  for psum it is exactly compressor(key, x)."""
+  c = compressors.qsgd(2)
+  x = jax.random.normal(jax.random.key(1), (N, D))
+
+  def per_device(x_i):
+    key = jax.random.fold_in(jax.random.key(3), jax.lax.axis_index("data"))
+    mean, local = aggregation.aggregate_with_local("psum", c, key, x_i, "data")
+    return mean, local, c(key, x_i)
+
+  mean, local, direct = jax.pmap(per_device, axis_name="data", devices=jax.devices()[:N])(x)
+  np.testing.assert_array_equal(np.asarray(local), np.asarray(direct))
+  np.testing.assert_allclose(np.asarray(mean[0]), np.asarray(direct).mean(0), atol=1e-6)
+
+
 def test_wire_bits_formulas():
   q = compressors.qsgd(1)
   assert aggregation.wire_bits("psum", q, (1000,), 8) == 56000
   assert aggregation.wire_bits("all_gather", q, (1000,), 8) == 7 * q.wire_bits((1000,))
   assert aggregation.wire_bits("two_phase", q, (1000,), 8) == 14 * q.wire_bits((125,))
   assert aggregation.chunk_size(1001, 8) == 126
+  # integer_psum at N=8, s=1: fields of bits_for(17) = 5 bits, 6 per word, one scale.
+  assert aggregation.wire_bits("integer_psum", q, (1000,), 8) == 2 * 7 / 8 * 32 * (167 + 1)
+
+
+def test_strategy_must_fit_the_codec():
+  with pytest.raises(ValueError, match="majority_vote"):
+    aggregation.check_strategy("majority_vote", compressors.qsgd(4))
+  with pytest.raises(ValueError, match="integer_psum"):
+    aggregation.check_strategy("integer_psum", compressors.identity())
+  assert "integer_psum" in aggregation.supported(compressors.qsgd(4))
 
 
 def test_unknown_strategy_is_rejected():

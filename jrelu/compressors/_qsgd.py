@@ -49,8 +49,10 @@ class QSGDCode:
 class QSGD(base.Compressor):
   """The QSGD quantizer ``Q_s`` with optional bucketing and l2 or max normalization.
 
-  Build it with :func:`qsgd`. ``unbiased`` is True; codes do not commute with sum (each
-  device has its own scales).
+  Build it with :func:`qsgd`. ``unbiased`` is True. Codes with per-device scales do not
+  commute with sum, but with scales shared across devices (a ``pmax``; ``quantize``
+  accepts any scale at least the bucket's own norm and stays unbiased) the integer levels
+  do: ``integer_sum`` is True and ``jrelu.aggregation``'s ``integer_psum`` adds them.
 
   References:
     Alistarh et al., "QSGD: Communication-Efficient SGD via Gradient Quantization and
@@ -60,6 +62,7 @@ class QSGD(base.Compressor):
   name = "qsgd"
   unbiased = True
   commutes_with_sum = False
+  integer_sum = True
 
   def __init__(self, num_levels: int, bucket_size: int | None = None, norm: str = "l2"):
     if isinstance(num_levels, bool) or not isinstance(num_levels, (int, np.integer)) \
@@ -75,12 +78,47 @@ class QSGD(base.Compressor):
     self.bucket_size = None if bucket_size is None else int(bucket_size)
     self.norm = norm
     self.symbol_bits = bitpack.bits_for(2 * self.num_levels + 1)
+    self.max_level = self.num_levels
 
   def buckets(self, num_values: int) -> tuple[int, int]:
     """Returns ``(bucket_size, num_buckets)`` used for a flat input of ``num_values``."""
     size = num_values if self.bucket_size is None else min(self.bucket_size, num_values)
     size = max(size, 1)
     return size, -(-num_values // size)
+
+  def _buckets_of(self, x):
+    flat = jnp.ravel(jnp.asarray(x, jnp.float32))
+    size, count = self.buckets(flat.shape[0])
+    return jnp.pad(flat, (0, size * count - flat.shape[0])).reshape(count, size)
+
+  def num_scales(self, shape):
+    return self.buckets(base.num_elements(shape))[1]
+
+  def scales(self, x):
+    v = self._buckets_of(x)
+    if self.norm == "max":
+      return jnp.max(jnp.abs(v), axis=1)
+    return jnp.linalg.norm(v, axis=1)
+
+  def quantize(self, key, x, scales):
+    signed = self._signed_levels(key, self._buckets_of(x), scales)
+    return signed.reshape(-1)[:base.num_elements(jnp.shape(x))]
+
+  def dequantize(self, levels, scales, shape, dtype):
+    d = base.num_elements(shape)
+    size, count = self.buckets(d)
+    signed = jnp.pad(levels.astype(jnp.float32), (0, size * count - d)).reshape(count, size)
+    values = signed * (scales[:, None] / self.num_levels)
+    return values.reshape(-1)[:d].reshape(shape).astype(dtype)
+
+  def _signed_levels(self, key, v, scales):
+    mag = jnp.abs(v)
+    safe = jnp.where(scales > 0, scales, 1.0)
+    r = jnp.minimum(mag / safe[:, None] * self.num_levels, self.num_levels)
+    low = jnp.floor(r)
+    round_up = jax.random.uniform(key, r.shape) < (r - low)
+    level = jnp.minimum(low + round_up, self.num_levels).astype(jnp.int32)
+    return jnp.where(v < 0, -level, level)
 
   def levels(self, key, x):
     """Quantizes ``x`` without packing.
@@ -94,17 +132,8 @@ class QSGD(base.Compressor):
       ``[-num_levels, num_levels]`` (zero padded past the input), and float32
       ``[num_buckets]`` norms. ``x_hat = scales[:, None] * signed_levels / num_levels``.
     """
-    flat = jnp.ravel(jnp.asarray(x, jnp.float32))
-    size, count = self.buckets(flat.shape[0])
-    v = jnp.pad(flat, (0, size * count - flat.shape[0])).reshape(count, size)
-    mag = jnp.abs(v)
-    scales = jnp.max(mag, axis=1) if self.norm == "max" else jnp.linalg.norm(v, axis=1)
-    safe = jnp.where(scales > 0, scales, 1.0)
-    r = mag / safe[:, None] * self.num_levels
-    low = jnp.floor(r)
-    round_up = jax.random.uniform(key, r.shape) < (r - low)
-    level = jnp.minimum(low + round_up, self.num_levels).astype(jnp.int32)
-    return jnp.where(v < 0, -level, level), scales
+    scales = self.scales(x)
+    return self._signed_levels(key, self._buckets_of(x), scales), scales
 
   def encode(self, key, x):
     x = jnp.asarray(x)
@@ -118,11 +147,8 @@ class QSGD(base.Compressor):
   def decode(self, code):
     d = base.num_elements(code.shape)
     symbols = bitpack.unpack(code.words, self.symbol_bits, d).astype(jnp.int32)
-    signed = jnp.where(symbols & 1, -(symbols >> 1), symbols >> 1).astype(jnp.float32)
-    size, count = self.buckets(d)
-    signed = jnp.pad(signed, (0, size * count - d)).reshape(count, size)
-    values = signed * (code.scales[:, None] / self.num_levels)
-    return values.reshape(-1)[:d].reshape(code.shape).astype(code.dtype)
+    signed = jnp.where(symbols & 1, -(symbols >> 1), symbols >> 1)
+    return self.dequantize(signed, code.scales, code.shape, code.dtype)
 
   def wire_bits(self, shape):
     d = base.num_elements(shape)

@@ -11,6 +11,19 @@ A compressor is a pure, jit-able array codec:
 * ``unbiased``: ``E[decode(encode(key, x))] == x`` over the key.
 * ``commutes_with_sum``: codes may be summed before decoding.
 
+Two optional capabilities, used by the aggregation strategies of ``jrelu.aggregation``:
+
+* **Common randomness** (``bind``). Some codecs draw randomness that the receiver must
+  reproduce (FO-SGD's random signs, rand-k's index set). Unbound, such a codec puts a
+  32-bit ``seed`` in its code. ``bind(common_key)`` returns a copy that takes that
+  randomness from ``common_key`` instead, a key every device knows (the aggregation
+  strategies derive it from the step key before the device index is folded in), so the
+  seed is not sent. Codecs without common randomness return ``self``.
+* **Shared-scale integer levels** (``integer_sum = True``). The codec is ``scale * level /
+  max_level`` with integer ``level`` in ``[-max_level, max_level]``. When every device
+  uses the same scales (a ``pmax`` of ``scales(x)``), levels from different devices can
+  be added as integers before decoding: the ``integer_psum`` aggregation.
+
 A new compressor is one module ``jrelu/compressors/_NAME.py`` that subclasses
 :class:`Compressor`, plus one line in ``jrelu.compressors.REGISTRY`` and one in the test
 suite's list.
@@ -78,6 +91,13 @@ class Compressor(abc.ABC):
   name: str = "compressor"
   unbiased: bool = False
   commutes_with_sum: bool = False
+  # True for codecs of the form scale * level / max_level that implement ``scales``,
+  # ``quantize`` and ``dequantize`` (see the module docstring).
+  integer_sum: bool = False
+  # True when re-encoding the mean of decoded codes is a majority vote (unscaled sign).
+  majority_vote: bool = False
+  # False when zeros do not decode to zeros (the unscaled sign: sign(0) = +1); documented.
+  zero_preserving: bool = True
 
   @abc.abstractmethod
   def encode(self, key: jax.Array, x: jax.Array) -> Any:
@@ -90,6 +110,36 @@ class Compressor(abc.ABC):
   @abc.abstractmethod
   def wire_bits(self, shape: tuple[int, ...]) -> int:
     """Exact number of payload bits that ``encode`` produces for an input of ``shape``."""
+
+  def bind(self, common_key: jax.Array) -> "Compressor":
+    """Returns a copy whose common randomness comes from ``common_key`` (see module doc).
+
+    The default (a codec without common randomness) returns ``self``.
+    """
+    del common_key
+    return self
+
+  # --- Shared-scale integer levels (only when ``integer_sum``) ---------------------------
+
+  max_level: int = 0
+
+  def scales(self, x: jax.Array) -> jax.Array:
+    """float32 ``[num_scales(x.shape)]``: this device's scales (shared = their ``pmax``)."""
+    raise NotImplementedError(f"{self.name} does not support integer summation")
+
+  def num_scales(self, shape: tuple[int, ...]) -> int:
+    """Length of ``scales(x)`` for an input of ``shape``."""
+    raise NotImplementedError(f"{self.name} does not support integer summation")
+
+  def quantize(self, key: jax.Array, x: jax.Array, scales: jax.Array) -> jax.Array:
+    """int32 ``[size]`` levels in ``[-max_level, max_level]`` of ``x`` (flattened) under
+    ``scales`` (which may exceed this device's own); ``E[dequantize(...)] = x``."""
+    raise NotImplementedError(f"{self.name} does not support integer summation")
+
+  def dequantize(self, levels: jax.Array, scales: jax.Array, shape, dtype) -> jax.Array:
+    """Values ``scale * levels / max_level`` reshaped to ``shape``; ``levels`` (int32
+    ``[size]``) may be a sum of several devices' levels."""
+    raise NotImplementedError(f"{self.name} does not support integer summation")
 
   def __call__(self, key: jax.Array, x: jax.Array) -> jax.Array:
     """``decode(encode(key, x))``: the compressed estimate of ``x`` on one device."""
