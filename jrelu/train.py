@@ -9,6 +9,16 @@ once ``--target_relative_error`` is reached.
 
     python -m jrelu.train --workdir=runs/qsgd4
     python -m jrelu.train --compressor=none --workdir=runs/sgd
+    python -m jrelu.train --compressor=top_k --fraction=0.1 --error_feedback
+    python -m jrelu.train --compressor=sign --aggregation=majority_vote \
+        --learning_rate=1e-3 --lr_schedule=exponential --decay_steps=100
+
+Each compressor has its own flags (``--num_levels`` for qsgd, ``--k``/``--fraction`` for
+top_k and rand_k, ``--budget`` for atomo, ...); giving one that the chosen compressor does
+not use is an error. ``--error_feedback`` wraps any codec in EF-SGD, ``--momentum`` puts a
+per-device momentum before the compression (Signum with ``--compressor=sign``), and
+``--compressor=powersgd`` runs the stateful PowerSGD transform (warm start and error
+feedback; vectors such as the planted weights pass through uncompressed).
 
 Writes ``WORKDIR/metrics.jsonl`` (one JSON object per logged step), ``WORKDIR/summary.json``
 and, when matplotlib is installed, ``WORKDIR/relative_error.png``. Bad flags print one
@@ -39,9 +49,12 @@ from jrelu import aggregation
 from jrelu import compressors
 from jrelu import parallel
 from jrelu import planted
+from jrelu import powersgd
 from jrelu import transforms
 from jrelu import wire
 from jrelu.compressors._qsgd import NORMS
+
+SCHEDULES = ("constant", "exponential", "inverse_sqrt")
 
 _DIM = flags.DEFINE_integer("dim", 1000, "Dimension d of the planted weights.", lower_bound=1)
 _NUM_SAMPLES = flags.DEFINE_integer(
@@ -64,6 +77,31 @@ _BUCKET_SIZE = flags.DEFINE_integer(
     lower_bound=1)
 _NORM = flags.DEFINE_enum("norm", "max", list(NORMS),
                           "QSGD scaling: 'max' (default here) or 'l2' (the paper's theory).")
+_SCALED_SIGN = flags.DEFINE_bool(
+    "scaled_sign", False, "sign: send (||g||_1 / d) * sign(g) instead of sign(g).")
+_CLIP_FACTOR = flags.DEFINE_float(
+    "clip_factor", None, "terngrad: clip to clip_factor * std before ternarizing (e.g. 2.5).")
+_K = flags.DEFINE_integer("k", None, "top_k / rand_k: coordinates kept per encoded array.")
+_FRACTION = flags.DEFINE_float(
+    "fraction", None, "top_k / rand_k: fraction of coordinates kept per encoded array "
+    "(default 0.1 when --k is not given).")
+_DITHER_SCALE = flags.DEFINE_float("dither_scale", None, "fo_sgd: dither range factor.")
+_BUDGET = flags.DEFINE_integer(
+    "budget", None, "atomo: expected atoms sent per encoded array (default d/(8 N)).")
+_RANK = flags.DEFINE_integer("rank", 1, "powersgd: rank of the approximation.", lower_bound=1)
+_ERROR_FEEDBACK = flags.DEFINE_bool(
+    "error_feedback", False, "Keep each device's compression residual and add it to the "
+    "next gradient (EF-SGD).")
+_MOMENTUM = flags.DEFINE_float(
+    "momentum", 0.0, "Per-device momentum beta in [0, 1) applied before compression "
+    "(Signum with --compressor=sign).")
+_LR_SCHEDULE = flags.DEFINE_enum(
+    "lr_schedule", "constant", list(SCHEDULES),
+    "Step size schedule: constant, exponential (x decay_rate every decay_steps) or "
+    "inverse_sqrt (lr / sqrt(1 + step / decay_steps)).")
+_DECAY_STEPS = flags.DEFINE_integer("decay_steps", 100, "Schedule time scale in steps.",
+                                    lower_bound=1)
+_DECAY_RATE = flags.DEFINE_float("decay_rate", 0.5, "exponential: factor per decay_steps.")
 _AGGREGATION = flags.DEFINE_enum(
     "aggregation", "two_phase", list(aggregation.STRATEGIES),
     "How codes are averaged across devices (see jrelu.aggregation).")
@@ -85,6 +123,16 @@ flags.register_validator("noise_std", lambda v: v >= 0 and math.isfinite(v),
                          "must be a finite number >= 0")
 flags.register_validator("target_relative_error", lambda v: v >= 0, "must be >= 0")
 flags.register_validator("workdir", bool, "must not be empty")
+flags.register_validator("momentum", lambda v: 0 <= v < 1, "must be in [0, 1)")
+flags.register_validator("decay_rate", lambda v: 0 < v <= 1, "must be in (0, 1]")
+
+# Compressor-specific flags and the compressors that use them.
+FLAG_OWNERS = {
+    "num_levels": ("qsgd",), "bucket_size": ("qsgd",), "norm": ("qsgd",),
+    "scaled_sign": ("sign",), "clip_factor": ("terngrad",), "k": ("top_k", "rand_k"),
+    "fraction": ("top_k", "rand_k"), "dither_scale": ("fo_sgd",), "budget": ("atomo",),
+    "rank": ("powersgd",),
+}
 
 
 class UsageError(ValueError):
@@ -121,13 +169,97 @@ class Config:
   target_relative_error: float = 1e-6
   workdir: str = "runs/latest"
   log_every: int = 100
+  scaled_sign: bool = False
+  clip_factor: float | None = None
+  k: int | None = None
+  fraction: float | None = None
+  dither_scale: float | None = None
+  budget: int | None = None
+  rank: int = 1
+  error_feedback: bool = False
+  momentum: float = 0.0
+  lr_schedule: str = "constant"
+  decay_steps: int = 100
+  decay_rate: float = 0.5
 
 
-def make_compressor(config: Config) -> compressors.Compressor:
-  """The codec named by ``config.compressor`` with its hyper-parameters."""
-  if config.compressor == "qsgd":
-    return compressors.qsgd(config.num_levels, config.bucket_size, config.norm)
-  return compressors.REGISTRY[config.compressor]()
+def make_compressor(config: Config, num_devices: int = 1) -> compressors.Compressor:
+  """The codec named by ``config.compressor`` with its hyper-parameters.
+
+  Raises:
+    UsageError: when a hyper-parameter is rejected by the codec's factory.
+  """
+  name = config.compressor
+  try:
+    if name == "qsgd":
+      return compressors.qsgd(config.num_levels, config.bucket_size, config.norm)
+    if name == "sign":
+      return compressors.sign(scaled=config.scaled_sign)
+    if name == "terngrad":
+      return compressors.terngrad(config.clip_factor)
+    if name in ("top_k", "rand_k"):
+      fraction = 0.1 if config.k is None and config.fraction is None else config.fraction
+      return compressors.REGISTRY[name](config.k, fraction=fraction)
+    if name == "fo_sgd":
+      return (compressors.fo_sgd() if config.dither_scale is None
+              else compressors.fo_sgd(config.dither_scale))
+    if name == "atomo":
+      budget = config.budget
+      if budget is None:  # an eighth of each two_phase chunk
+        budget = max(1, config.dim // (8 * num_devices))
+      return compressors.atomo(budget)
+    if name == "powersgd":
+      return compressors.powersgd(config.rank)
+    return compressors.REGISTRY[name]()
+  except ValueError as e:
+    raise UsageError(f"flag --compressor={name}: {e}") from None
+
+
+def make_schedule(config: Config) -> optax.Schedule:
+  """The step size schedule of ``config`` (an optax schedule)."""
+  lr = config.learning_rate
+  if config.lr_schedule == "exponential":
+    return optax.exponential_decay(lr, config.decay_steps, config.decay_rate)
+  if config.lr_schedule == "inverse_sqrt":
+    return lambda step: lr / jnp.sqrt(1.0 + step / config.decay_steps)
+  return optax.constant_schedule(lr)
+
+
+def make_tx(config: Config, compressor: compressors.Compressor, key
+            ) -> optax.GradientTransformation:
+  """Momentum (optional), then compression and averaging, then SGD with the schedule."""
+  if config.compressor == "powersgd":
+    compression = powersgd.powersgd(config.rank, key=key, axis_name=parallel.AXIS_NAME)
+  elif config.error_feedback:
+    compression = transforms.error_feedback(
+        compressor, key=key, axis_name=parallel.AXIS_NAME, aggregation=config.aggregation)
+  else:
+    compression = transforms.compress(
+        compressor, key=key, axis_name=parallel.AXIS_NAME, aggregation=config.aggregation)
+  momentum = [optax.ema(config.momentum, debias=False)] if config.momentum > 0 else []
+  return optax.chain(*momentum, compression, optax.sgd(make_schedule(config)))
+
+
+def describe(config: Config) -> str:
+  """A short label of the method, e.g. ``"qsgd s=4 (max)"`` or ``"top_k fraction=0.1 + EF"``."""
+  name = config.compressor
+  if name == "none":
+    label = "float32 SGD"
+  elif name == "qsgd":
+    label = f"qsgd s={config.num_levels} ({config.norm})"
+  else:
+    extras = {"sign": "scaled" if config.scaled_sign else "",
+              "terngrad": f"clip={config.clip_factor}" if config.clip_factor else "",
+              "top_k": f"k={config.k}" if config.k else f"fraction={config.fraction or 0.1}",
+              "rand_k": f"k={config.k}" if config.k else f"fraction={config.fraction or 0.1}",
+              "atomo": f"budget={config.budget}" if config.budget else "",
+              "powersgd": f"rank={config.rank}"}.get(name, "")
+    label = f"{name} {extras}".strip()
+  if config.momentum:
+    label += f" momentum={config.momentum}"
+  if config.error_feedback:
+    label += " + EF"
+  return label
 
 
 def check_workdir(workdir: str) -> None:
@@ -172,23 +304,30 @@ def train(config: Config, devices) -> dict:
   w_star = planted.sample_w_star(w_key, config.dim)
   dataset = planted.sample_dataset(data_key, w_star, config.num_samples, config.noise_std)
   params = planted.init_params(config.init, init_key, dataset)
-  compressor = make_compressor(config)
-  tx = optax.chain(
-      transforms.compress(compressor, key=tx_key, axis_name=parallel.AXIS_NAME,
-                          aggregation=config.aggregation),
-      optax.sgd(config.learning_rate))
+  compressor = make_compressor(config, n_dev)
+  if config.compressor != "powersgd":
+    try:
+      aggregation.check_strategy(config.aggregation, compressor)
+    except ValueError as e:
+      raise UsageError(f"flag --aggregation={config.aggregation}: {e}") from None
+  tx = make_tx(config, compressor, tx_key)
   step = parallel.make_step(planted.loss, planted.make_batch_fn(config.batch_size), tx,
                             metrics_fn=planted.metrics_fn)
   state, data, batch_key = parallel.replicate(
       (parallel.init_state(params, tx), (dataset, w_star), batch_key), devices)
 
   bits = wire.measure(parallel.wrap(config.parallel, step, devices), state, data, batch_key)
-  predicted_bits = aggregation.wire_bits(config.aggregation, compressor, (config.dim,), n_dev)
+  if config.compressor == "powersgd":
+    predicted_bits = powersgd.wire_bits(params, config.rank, n_dev)
+  else:
+    predicted_bits = aggregation.wire_bits(config.aggregation, compressor, (config.dim,),
+                                           n_dev)
   float32_bits = aggregation.float32_allreduce_bits((config.dim,), n_dev)
   initial_error = float(planted.relative_error(params, w_star))
   summary = {
       **dataclasses.asdict(config),
       "status": "running",
+      "method": describe(config),
       "initial_relative_error": initial_error,
       "relative_error": initial_error,
       "steps": 0,
@@ -297,9 +436,7 @@ def _plot(history, summary):
     ax.set_xlabel(label)
     ax.grid(True, which="both", alpha=0.3)
   by_step.set_ylabel(r"$\|w - w^*\| / \|w^*\|$")
-  codec = ("float32 SGD" if summary["compressor"] == "none" else
-           f"{summary['compressor']} s={summary['num_levels']} ({summary['norm']})")
-  fig.suptitle(f"{codec}, {summary['aggregation']}, {summary['num_devices']} devices, "
+  fig.suptitle(f"{summary['method']}, {summary['aggregation']}, {summary['num_devices']} devices, "
                f"d={summary['dim']}", fontsize=10)
   fig.tight_layout()
   fig.savefig(os.path.join(summary["workdir"], "relative_error.png"), dpi=100)
@@ -307,8 +444,22 @@ def _plot(history, summary):
 
 
 def config_from_flags() -> Config:
-  """Builds a :class:`Config` from the parsed flags."""
+  """Builds a :class:`Config` from the parsed flags.
+
+  Raises:
+    UsageError: when a compressor-specific flag is given for a compressor that does not
+      use it (see ``FLAG_OWNERS``), or both ``--k`` and ``--fraction`` are given.
+  """
+  for flag, owners in FLAG_OWNERS.items():
+    if flags.FLAGS[flag].present and _COMPRESSOR.value not in owners:
+      raise UsageError(f"flag --{flag} applies to --compressor={' or '.join(owners)}, "
+                       f"not --compressor={_COMPRESSOR.value}")
   return Config(
+      scaled_sign=_SCALED_SIGN.value, clip_factor=_CLIP_FACTOR.value, k=_K.value,
+      fraction=_FRACTION.value, dither_scale=_DITHER_SCALE.value, budget=_BUDGET.value,
+      rank=_RANK.value, error_feedback=_ERROR_FEEDBACK.value, momentum=_MOMENTUM.value,
+      lr_schedule=_LR_SCHEDULE.value, decay_steps=_DECAY_STEPS.value,
+      decay_rate=_DECAY_RATE.value,
       dim=_DIM.value, num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value,
       num_devices=_NUM_DEVICES.value, num_steps=_NUM_STEPS.value,
       learning_rate=_LEARNING_RATE.value, compressor=_COMPRESSOR.value,
@@ -340,7 +491,10 @@ def main(argv):
     std_logging.getLogger(noisy).setLevel(std_logging.WARNING)
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; every setting is a --flag", 2)
-  config = config_from_flags()
+  try:
+    config = config_from_flags()
+  except UsageError as e:
+    _fail(str(e), 2)
   try:
     devices = parallel.setup_devices(config.num_devices)
   except ValueError as e:

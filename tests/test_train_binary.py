@@ -76,6 +76,16 @@ BAD_INPUTS = [
     (["--num_devices=100000"], "--num_devices=100000"),
     (["--workdir={file}/sub"], "--workdir="),
     (["--bogus=1"], "bogus"),
+    (["--k=10"], "--k applies to --compressor=top_k or rand_k"),
+    (["--compressor=sign", "--num_levels=2"], "--num_levels applies to --compressor=qsgd"),
+    (["--compressor=top_k", "--k=0"], "--compressor=top_k"),
+    (["--compressor=rand_k", "--k=5", "--fraction=0.1"], "--compressor=rand_k"),
+    (["--compressor=atomo", "--budget=0"], "--compressor=atomo"),
+    (["--compressor=terngrad", "--clip_factor=-1"], "--compressor=terngrad"),
+    (["--aggregation=majority_vote"], "--aggregation=majority_vote"),
+    (["--compressor=top_k", "--aggregation=integer_psum"], "--aggregation=integer_psum"),
+    (["--momentum=1"], "--momentum"),
+    (["--lr_schedule=cosine"], "--lr_schedule=cosine"),
 ]
 
 
