@@ -137,24 +137,33 @@ def aggregate_with_local(strategy: str, compressor: base.Compressor, key, x,
     ValueError: if ``strategy`` is unknown or does not fit ``compressor``.
   """
   check_strategy(strategy, compressor)
-  if common_key is not None:
-    compressor = compressor.bind(common_key)
-  mean, local = _STRATEGY_FNS[strategy](compressor, key, x, axis_name)
+  mean, local = _STRATEGY_FNS[strategy](compressor, key, x, axis_name, common_key)
   return mean.astype(x.dtype), local.astype(x.dtype)
 
 
-def _psum(compressor, key, x, axis_name):
-  local = compressor(key, x)
+def _bind(compressor, common_key, phase):
+  """``compressor`` bound to the common key of one phase (each phase draws afresh)."""
+  if common_key is None:
+    return compressor
+  return compressor.bind(jax.random.fold_in(common_key, phase))
+
+
+def _psum(compressor, key, x, axis_name, common_key):
+  local = _bind(compressor, common_key, 0)(key, x)
   return jax.lax.pmean(local, axis_name), local
 
 
-def _all_gather(compressor, key, x, axis_name):
+def _all_gather(compressor, key, x, axis_name, common_key):
+  compressor = _bind(compressor, common_key, 0)
   code = compressor.encode(key, x)
   codes = jax.lax.all_gather(code, axis_name)
   return jnp.mean(jax.vmap(compressor.decode)(codes), axis=0), compressor.decode(code)
 
 
-def _two_phase(compressor, key, x, axis_name):
+def _two_phase(codec, key, x, axis_name, common_key):
+  # The two phases must not share common randomness: re-encoding rand-k's averaged chunk
+  # on the same index set would rescale it twice.
+  compressor, second = _bind(codec, common_key, 0), _bind(codec, common_key, 1)
   n = jax.lax.axis_size(axis_name)
   flat = jnp.ravel(x)
   d = flat.shape[0]
@@ -165,13 +174,14 @@ def _two_phase(compressor, key, x, axis_name):
   # Row j of the result is device j's code for this device's chunk.
   received = jax.lax.all_to_all(codes, axis_name, 0, 0)
   mine = jnp.mean(jax.vmap(compressor.decode)(received), axis=0)
-  gathered = jax.lax.all_gather(compressor.encode(gather_key, mine), axis_name)
-  mean = jax.vmap(compressor.decode)(gathered).reshape(-1)[:d].reshape(x.shape)
+  gathered = jax.lax.all_gather(second.encode(gather_key, mine), axis_name)
+  mean = jax.vmap(second.decode)(gathered).reshape(-1)[:d].reshape(x.shape)
   local = jax.vmap(compressor.decode)(codes).reshape(-1)[:d].reshape(x.shape)
   return mean, local
 
 
-def _integer_psum(compressor, key, x, axis_name):
+def _integer_psum(compressor, key, x, axis_name, common_key):
+  compressor = _bind(compressor, common_key, 0)
   n = jax.lax.axis_size(axis_name)
   top = compressor.max_level
   width = bitpack.bits_for(2 * top * n + 1)

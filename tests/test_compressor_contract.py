@@ -21,6 +21,20 @@ COMPRESSORS = [
     ("qsgd_s1", lambda: compressors.qsgd(1)),
     ("qsgd_s4_bucket", lambda: compressors.qsgd(4, bucket_size=64)),
     ("qsgd_s16_max", lambda: compressors.qsgd(16, norm="max")),
+    ("fo_sgd", lambda: compressors.fo_sgd()),
+    ("fo_sgd_bound", lambda: compressors.fo_sgd().bind(jax.random.key(5))),
+    ("top_k_10", lambda: compressors.top_k(10)),
+    ("top_k_frac", lambda: compressors.top_k(fraction=0.1)),
+    ("rand_k_10", lambda: compressors.rand_k(10)),
+    ("rand_k_bound", lambda: compressors.rand_k(fraction=0.25).bind(jax.random.key(7))),
+    ("sign", lambda: compressors.sign()),
+    ("sign_scaled", lambda: compressors.sign(scaled=True)),
+    ("terngrad", lambda: compressors.terngrad()),
+    ("terngrad_clip", lambda: compressors.terngrad(clip_factor=2.5)),
+    ("powersgd_r1", lambda: compressors.powersgd(1)),
+    ("powersgd_r2", lambda: compressors.powersgd(2)),
+    ("atomo_entry_8", lambda: compressors.atomo(8)),
+    ("atomo_svd_2", lambda: compressors.atomo(2, atoms="svd")),
 ]
 
 SHAPES = [(1000,), (7, 13), (1,)]
@@ -98,8 +112,21 @@ def test_zeros_give_zeros(make, shape):
   c = make()
   out = np.asarray(c(jax.random.key(0), jnp.zeros(shape, jnp.float32)))
   assert out.shape == shape
-  assert not np.any(np.isnan(out))
-  assert np.all(out == 0)
+  assert np.all(np.isfinite(out))
+  if c.zero_preserving:
+    assert np.all(out == 0)
+  else:
+    # The documented exception: the unscaled sign has no zero symbol; sign(0) is a fair
+    # coin from the key, so zeros decode to +-1 (the scaled sign, zero-preserving, gives
+    # scale 0 * (+-1) = 0 above).
+    assert c.name == "sign", f"{c.name} is not zero-preserving: test its documented output"
+    assert not c.scaled
+    assert set(np.unique(out).tolist()) <= {-1.0, 1.0}
+    if out.size >= 91:
+      # d fair coins all equal: probability 2^(1 - d) <= 2^-90 (fixed key: deterministic).
+      assert set(np.unique(out).tolist()) == {-1.0, 1.0}
+  if c.name == "sign" and c.scaled:
+    assert c.zero_preserving and np.all(out == 0)
 
 
 @params_compressors

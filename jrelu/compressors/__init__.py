@@ -10,11 +10,26 @@ plus one line here and one in the contract test suite.
 from jrelu.compressors.base import Compressor, code_class, payload_bits
 from jrelu.compressors._identity import Identity, identity
 from jrelu.compressors._qsgd import QSGD, qsgd
+from jrelu.compressors._fo_sgd import FOSGD, fo_sgd
+from jrelu.compressors._rand_k import RandK, rand_k
+from jrelu.compressors._top_k import TopK, top_k
+from jrelu.compressors._sign import Sign, sign
+from jrelu.compressors._terngrad import TernGrad, terngrad
+from jrelu.compressors._powersgd import PowerSGD, powersgd
+from jrelu.compressors._atomo import Atomo, atomo
 
 REGISTRY = {
     "none": identity,
     "qsgd": qsgd,
+    "fo_sgd": fo_sgd,
+    "rand_k": rand_k,
+    "top_k": top_k,
+    "sign": sign,
+    "terngrad": terngrad,
+    "powersgd": powersgd,
+    "atomo": atomo,
 }
 
-__all__ = ["Compressor", "Identity", "QSGD", "REGISTRY", "code_class", "identity",
-           "payload_bits", "qsgd"]
+__all__ = ["Atomo", "atomo", "FOSGD", "fo_sgd", "PowerSGD", "powersgd", "Sign", "TernGrad", "sign", "terngrad",
+           "Compressor", "Identity", "QSGD", "REGISTRY", "code_class", "identity",
+           "payload_bits", "qsgd", "RandK", "rand_k", "TopK", "top_k"]

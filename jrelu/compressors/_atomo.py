@@ -1,0 +1,394 @@
+"""ATOMO: unbiased atomic sparsification with water-filling probabilities.
+
+Wang, Sievert, Liu, Charles, Papailiopoulos, Wright, "ATOMO: Communication-efficient
+Learning via Atomic Sparsification", NeurIPS 2018 (arXiv 1806.04090).
+
+Write a gradient in an orthonormal atomic basis, ``g = sum_a lambda_a a``, keep atom ``a``
+with probability ``p_a`` and rescale it by ``1 / p_a``: ``g_hat = sum_a lambda_a (t_a / p_a) a``
+with ``t_a ~ Bernoulli(p_a)``. Then ``E[g_hat] = g`` and, the atoms being orthonormal,
+``E||g_hat - g||^2 = sum_a lambda_a^2 / p_a - sum_a lambda_a^2``. ATOMO picks the ``p``
+that minimizes this variance for an expected number of atoms ``sum_a p_a = s`` (the
+sparsity budget), ``0 < p_a <= 1``; the minimizer is the water-filling rule of the paper's
+Algorithm 1, :func:`water_filling`. Two atomic bases are implemented:
+
+* **entry-wise** atoms (the standard basis of the flattened array): ``lambda_i = x_i``;
+* **spectral** atoms of the array viewed as a matrix ``M`` (``shape[0] x prod(shape[1:])``):
+  ``M = sum_i sigma_i u_i v_i^T`` (thin SVD), ``lambda_i = sigma_i``.
+
+Wire formats (fixed shapes, so that codes can cross collectives; the paper counts
+``32 + log2(d)`` bits per sent entry, which presumes variable-length messages):
+
+* entry-wise: after water-filling, every unsaturated atom (``p_i < 1``) has the same
+  ``|x_i| / p_i = tau``, so a sent unsaturated atom decodes to ``+tau`` or ``-tau``; the
+  saturated atoms (``p_i = 1``, at most ``s`` of them) are always sent with their exact
+  value. Code: one 2-bit symbol per coordinate (0 not sent, 1 ``+tau``, 2 ``-tau``,
+  3 saturated) packed into uint32 words, the float32 ``tau``, and a float32 table of
+  ``min(s, d)`` slots holding the saturated values in coordinate order (unused slots 0).
+  This is lossless for the ATOMO estimate: ``32 ceil(2 d / 32) + 32 + 32 min(s, d)`` bits.
+* spectral: exactly ``s' = min(s, r)`` slots (``r = min(n, m)``), each one atom ``u_i``,
+  ``v_i`` and its weight ``sigma_i / p_i`` (all float32; a slot is zero when fewer than
+  ``s'`` singular values are nonzero): ``32 s' (n + m + 1)`` bits. The atoms are drawn by
+  systematic sampling (:func:`systematic_sampling`) instead of independent Bernoulli draws
+  (see :class:`Atomo`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jrelu.compressors import base
+from jrelu.compressors import bitpack
+
+ATOMS = ("auto", "entry", "svd")
+
+# Symbols of the entry-wise code, 2 bits each.
+_NOT_SENT, _PLUS_TAU, _MINUS_TAU, _SATURATED = 0, 1, 2, 3
+_SYMBOL_BITS = 2
+
+
+def _check_budget(budget) -> int:
+  if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
+    raise ValueError(f"budget must be an integer >= 1, got {budget!r}")
+  return int(budget)
+
+
+def _water_fill(magnitudes, budget: int):
+  """Water-filling on a 1-D array; returns ``(p, tau, saturated)`` in the input's order.
+
+  ``p``: float32 probabilities; ``tau``: float32 scalar, ``|lambda_i| / p_i`` of every
+  unsaturated nonzero atom (0 when all atoms are zero); ``saturated``: bool, the atoms kept
+  with probability 1 (at most ``min(budget, #nonzero)`` of them).
+  """
+  a = jnp.abs(jnp.asarray(magnitudes, jnp.float32))
+  n = a.shape[0]
+  order = jnp.argsort(-a)  # stable: ties keep their index order
+  a_sorted = a[order]
+  # tail[j] = T_j = sum_{k >= j} a_sorted[k]. A float sum of non-negative terms never
+  # falls below any of them, so tail[j] >= a_sorted[j] holds in float32 too.
+  tail = jnp.cumsum(a_sorted[::-1])[::-1]
+  budget_eff = jnp.minimum(budget, jnp.sum(a > 0)).astype(jnp.float32)
+  position = jnp.arange(n)
+  # Algorithm 1 walks j = 0, 1, ...: with j atoms saturated, the rest would get
+  # p_k = (s - j) a_k / T_j, which is feasible (<= 1) iff its largest one is, i.e.
+  # (s - j) a_j <= T_j; otherwise atom j is saturated (p_j = 1) and the walk goes on.
+  # The stopping index is therefore the SMALLEST j satisfying the condition, found here
+  # at once. It exists and is <= s - 1, where the condition reads a_j <= T_j; when
+  # s = 0 (all atoms zero) j = 0, where it reads 0 <= 0.
+  feasible = (budget_eff - position) * a_sorted <= tail
+  j = jnp.argmax(feasible)
+  remaining = budget_eff - j
+  tau = jnp.where(remaining > 0, tail[j] / jnp.where(remaining > 0, remaining, 1.0), 0.0)
+  safe_tau = jnp.where(tau > 0, tau, 1.0)
+  p_sorted = jnp.where(position < j, 1.0, jnp.minimum(a_sorted / safe_tau, 1.0))
+  p_sorted = jnp.where(tau > 0, p_sorted, 0.0)
+  # Saturated: the walk's first j atoms, plus any later atom whose p reached 1 (only at a
+  # tie, e.g. all of s nonzero atoms equal); capped to the first s positions, so the side
+  # table of min(budget, n) slots always suffices.
+  saturated_sorted = (position < budget_eff) & (p_sorted >= 1.0)
+  p = jnp.zeros(n, jnp.float32).at[order].set(p_sorted)
+  saturated = jnp.zeros(n, bool).at[order].set(saturated_sorted)
+  return p, tau, saturated
+
+
+def water_filling(magnitudes: jax.Array, budget: int) -> jax.Array:
+  """Exact water-filling probabilities of ATOMO (the paper's Algorithm 1).
+
+  Solves ``min_p sum_a lambda_a^2 / p_a`` subject to ``sum_a p_a = min(budget, #nonzero)``
+  and ``0 < p_a <= 1`` over the nonzero atoms (``p_a = 0`` for ``lambda_a = 0``). The
+  solution saturates the ``j`` largest atoms (``p = 1``) and gives the others
+  ``p_a = |lambda_a| / tau`` with ``tau = T_j / (budget - j)``, ``T_j`` the sum of the
+  unsaturated magnitudes; ``j`` is the smallest count for which no unsaturated ``p``
+  exceeds 1. It is computed without a loop (sort, reverse cumulative sum, first feasible
+  ``j``), so it is jit- and vmap-able. When ``budget >= #nonzero`` every nonzero atom gets
+  ``p = 1`` (the estimate is exact).
+
+  This is NOT the capped-proportional rule ``min(1, budget |lambda_a| / sum |lambda|)`` of
+  the authors' code, which spends less than the budget whenever an atom is capped.
+
+  Args:
+    magnitudes: float array ``[num_atoms]``, the atom coefficients ``lambda`` (their
+      absolute values are used).
+    budget: the sparsity budget ``s``, an integer >= 1: the expected number of atoms kept.
+
+  Returns:
+    float32 ``[num_atoms]`` probabilities ``p`` in ``[0, 1]``.
+
+  Raises:
+    ValueError: if ``budget`` is not an integer >= 1 or ``magnitudes`` is not 1-D.
+
+  Example:
+    >>> water_filling(jnp.array([4.0, 2.0, 1.0, 1.0]), 2)
+    Array([1.  , 0.5 , 0.25, 0.25], dtype=float32)
+
+  References:
+    Wang et al., "ATOMO: Communication-efficient Learning via Atomic Sparsification",
+    NeurIPS 2018, arXiv 1806.04090 (Algorithm 1).
+  """
+  budget = _check_budget(budget)
+  magnitudes = jnp.asarray(magnitudes)
+  if magnitudes.ndim != 1:
+    raise ValueError(f"magnitudes must be 1-D, got shape {magnitudes.shape}")
+  return _water_fill(magnitudes, budget)[0]
+
+
+def systematic_sampling(key: jax.Array, probabilities: jax.Array, num_samples: int):
+  """Draws atoms with inclusion probabilities ``p`` by systematic sampling.
+
+  Lays the atoms' probabilities end to end on ``[0, sum p)`` (atom ``i`` owns
+  ``[c_{i-1}, c_i)``, ``c`` the cumulative sums in index order, no sorting) and takes the
+  points ``U + j``, ``j = 0, 1, ...``, with one ``U ~ Uniform[0, 1)``; atom ``i`` is
+  selected iff a point falls in its interval. Because every ``p_i <= 1``, an interval
+  holds at most one point, so atom ``i`` is selected with probability exactly ``p_i``;
+  when ``sum p`` is an integer ``K`` exactly ``K`` distinct atoms are selected, always
+  (never an empty or oversized draw). The selections are dependent (unlike independent
+  Bernoulli draws), which does not change the mean or, for orthonormal atoms, the
+  variance of a ``t_i / p_i`` reweighted estimate.
+
+  Args:
+    key: a PRNG key (one uniform is drawn).
+    probabilities: float ``[num_atoms]``, each in ``[0, 1]``.
+    num_samples: static number of output slots (at least ``ceil(sum p)``).
+
+  Returns:
+    ``(indices, valid)``: int32 ``[num_samples]`` atom indices, increasing over the valid
+    slots, and bool ``[num_samples]``, False for slots past ``sum p`` (their index is 0).
+    A point rounding onto a repeated index is marked invalid (a float32 tie).
+
+  Example:
+    >>> idx, valid = systematic_sampling(jax.random.key(0), jnp.array([1., .5, .5]), 2)
+    >>> int(idx[0]), bool(valid.all())   # atom 0 (p = 1) is always selected
+    (0, True)
+
+  References:
+    Madow, "On the theory of systematic sampling, II", Ann. Math. Statist. 20 (1949);
+    used here for the spectral atoms of Wang et al., "ATOMO", arXiv 1806.04090.
+  """
+  p = jnp.asarray(probabilities, jnp.float32)
+  cum = jnp.cumsum(p)
+  points = jax.random.uniform(key, ()) + jnp.arange(num_samples, dtype=jnp.float32)
+  indices = jnp.searchsorted(cum, points, side="right").astype(jnp.int32)
+  valid = points < cum[-1]
+  repeated = jnp.concatenate([jnp.zeros(1, bool), indices[1:] == indices[:-1]])
+  valid = valid & ~repeated & (indices < p.shape[0])
+  return jnp.where(valid, indices, 0), valid
+
+
+@base.code_class
+class AtomoEntryCode:
+  """Wire payload of entry-wise :class:`Atomo` for an input of ``d`` elements.
+
+  Attributes:
+    words: uint32 ``[ceil(2 d / 32)]``, packed 2-bit symbols (0 not sent, 1 ``+tau``,
+      2 ``-tau``, 3 saturated).
+    tau: float32 ``[]``, the common value ``|x_i| / p_i`` of the unsaturated atoms.
+    saturated: float32 ``[min(budget, d)]``, the saturated atoms' values in coordinate
+      order, unused slots 0.
+    shape: the input's shape (static, not sent).
+    dtype: the input's dtype (static, not sent).
+  """
+  words: jax.Array
+  tau: jax.Array
+  saturated: jax.Array
+  shape: tuple = dataclasses.field(metadata={"static": True})
+  dtype: np.dtype = dataclasses.field(metadata={"static": True})
+
+
+@base.code_class
+class AtomoSVDCode:
+  """Wire payload of spectral :class:`Atomo` for an ``n x m`` matrix, ``s' = min(budget, r)``.
+
+  Attributes:
+    u: float32 ``[n, s']``, left singular vectors of the selected atoms (0 in unused slots).
+    v: float32 ``[m, s']``, right singular vectors of the selected atoms.
+    weights: float32 ``[s']``, ``sigma_i / p_i`` of the selected atoms (0 in unused slots).
+    shape: the input's shape (static, not sent).
+    dtype: the input's dtype (static, not sent).
+  """
+  u: jax.Array
+  v: jax.Array
+  weights: jax.Array
+  shape: tuple = dataclasses.field(metadata={"static": True})
+  dtype: np.dtype = dataclasses.field(metadata={"static": True})
+
+
+class Atomo(base.Compressor):
+  """ATOMO sparsification over entry-wise or spectral (SVD) atoms, water-filling ``p``.
+
+  Build it with :func:`atomo`. ``unbiased`` is True; codes do not commute with sum.
+
+  Entry-wise atoms use independent draws ``t_i ~ Bernoulli(p_i)`` as in the paper; a draw
+  may keep no atom at all, and then decodes to zeros (it is not re-drawn: re-drawing empty
+  draws, as the authors' code does, biases the estimate). Spectral atoms are drawn by
+  systematic sampling: exactly ``min(budget, #nonzero sigma)`` atoms, each with inclusion
+  probability exactly ``p_i``. This deviation from independent draws gives the code a
+  fixed number of atoms (collectives need fixed shapes) without re-sampling; the estimate
+  is still unbiased and, the spectral atoms being orthonormal in the Frobenius inner
+  product, has the same variance ``sum sigma_i^2 / p_i - sum sigma_i^2`` as with
+  independent draws.
+
+  Which atoms an input gets is a function of its static shape (:meth:`atom_kind`): the
+  SVD needs a genuine matrix, so inputs with ``ndim < 2`` or a matrix dimension of 1 are
+  always entry-wise (under ``two_phase`` aggregation every chunk is a vector, so it is
+  entry-wise there). Singular values at or below the numerical-rank tolerance
+  ``sigma_max * max(n, m) * eps_float32`` (as in ``numpy.linalg.matrix_rank``) are set to
+  0: they are float32 SVD round-off, not signal, so a matrix of rank below the budget is
+  sent exactly instead of spending atoms on noise.
+
+  Attributes:
+    budget: the sparsity budget ``s`` (expected atoms per encoded array).
+    atoms: ``"auto"``, ``"entry"`` or ``"svd"``.
+
+  References:
+    Wang et al., "ATOMO: Communication-efficient Learning via Atomic Sparsification",
+    NeurIPS 2018, arXiv 1806.04090.
+  """
+
+  name = "atomo"
+  unbiased = True
+  commutes_with_sum = False
+
+  def __init__(self, budget: int, atoms: str = "auto"):
+    self.budget = _check_budget(budget)
+    if atoms not in ATOMS:
+      raise ValueError(f"atoms must be one of {ATOMS}, got {atoms!r}")
+    self.atoms = atoms
+
+  @staticmethod
+  def matrix_shape(shape) -> tuple[int, int]:
+    """``(n, m) = (shape[0], prod(shape[1:]))``, the matrix view of a tensor of ``shape``."""
+    shape = tuple(shape)
+    return (shape[0], base.num_elements(shape[1:])) if shape else (1, 1)
+
+  def atom_kind(self, shape) -> str:
+    """``"svd"`` or ``"entry"``: the atoms used for an input of ``shape``.
+
+    ``atoms="entry"`` is always entry-wise. ``"auto"`` and ``"svd"`` use spectral atoms for
+    ``ndim >= 2`` with both matrix dimensions >= 2, entry-wise atoms otherwise (vectors,
+    scalars, ``1 x m`` or ``n x 1`` matrices, whose SVD has a single atom: the input).
+    """
+    if self.atoms == "entry" or len(shape) < 2:
+      return "entry"
+    n, m = self.matrix_shape(shape)
+    return "svd" if min(n, m) >= 2 else "entry"
+
+  # --- entry-wise atoms ----------------------------------------------------------------
+
+  def _encode_entry(self, key, x):
+    flat = jnp.ravel(x).astype(jnp.float32)
+    d = flat.shape[0]
+    p, tau, saturated = _water_fill(flat, self.budget)
+    # u < p with u in [0, 1): never for p = 0 (zero entries), always for p = 1.
+    sent = (jax.random.uniform(key, (d,)) < p) & ~saturated
+    symbols = jnp.where(saturated, _SATURATED,
+                        jnp.where(sent, jnp.where(flat < 0, _MINUS_TAU, _PLUS_TAU), _NOT_SENT))
+    slots = min(self.budget, d)
+    slot = jnp.where(saturated, jnp.cumsum(saturated) - 1, slots)  # slots = out of range
+    table = jnp.zeros(slots, jnp.float32).at[slot].set(flat, mode="drop")
+    return AtomoEntryCode(words=bitpack.pack(symbols, _SYMBOL_BITS), tau=tau,
+                          saturated=table, shape=tuple(x.shape), dtype=x.dtype)
+
+  def _decode_entry(self, code):
+    d = base.num_elements(code.shape)
+    symbols = bitpack.unpack(code.words, _SYMBOL_BITS, d)
+    saturated = symbols == _SATURATED
+    slot = jnp.clip(jnp.cumsum(saturated) - 1, 0, code.saturated.shape[0] - 1)
+    signed_tau = jnp.where(symbols == _PLUS_TAU, code.tau,
+                           jnp.where(symbols == _MINUS_TAU, -code.tau, 0.0))
+    values = jnp.where(saturated, code.saturated[slot], signed_tau)
+    return values.reshape(code.shape).astype(code.dtype)
+
+  # --- spectral atoms ------------------------------------------------------------------
+
+  def _encode_svd(self, key, x):
+    n, m = self.matrix_shape(x.shape)
+    slots = min(self.budget, n, m)
+    u, sigma, vt = jnp.linalg.svd(x.astype(jnp.float32).reshape(n, m), full_matrices=False)
+    tolerance = sigma[0] * max(n, m) * jnp.finfo(jnp.float32).eps
+    sigma = jnp.where(sigma > tolerance, sigma, 0.0)
+    p = _water_fill(sigma, self.budget)[0]
+    index, valid = systematic_sampling(key, p, slots)
+    # sum p = min(budget, #nonzero sigma) = the number of atoms sent; a float32 excess of
+    # sum p could let one more point in, so the count is enforced.
+    count = jnp.minimum(self.budget, jnp.sum(sigma > 0))
+    valid = valid & (jnp.arange(slots) < count)
+    p_sel = p[index]
+    weights = jnp.where(valid, sigma[index] / jnp.where(valid, p_sel, 1.0), 0.0)
+    return AtomoSVDCode(u=jnp.where(valid, u[:, index], 0.0),
+                        v=jnp.where(valid, vt[index, :].T, 0.0),
+                        weights=weights, shape=tuple(x.shape), dtype=x.dtype)
+
+  def _decode_svd(self, code):
+    values = (code.u * code.weights) @ code.v.T
+    return values.reshape(code.shape).astype(code.dtype)
+
+  # --- the Compressor interface --------------------------------------------------------
+
+  def encode(self, key, x):
+    """Encodes ``x`` (any shape, float32 or bfloat16) into an ATOMO code.
+
+    Args:
+      key: a PRNG key (entry-wise: one uniform per element; spectral: one uniform).
+      x: floating array of any shape.
+
+    Returns:
+      An :class:`AtomoEntryCode` or :class:`AtomoSVDCode`, per :meth:`atom_kind`.
+    """
+    x = jnp.asarray(x)
+    if self.atom_kind(x.shape) == "svd":
+      return self._encode_svd(key, x)
+    return self._encode_entry(key, x)
+
+  def decode(self, code):
+    """Decodes a code of :meth:`encode` to the estimate, with the input's shape and dtype."""
+    if isinstance(code, AtomoSVDCode):
+      return self._decode_svd(code)
+    return self._decode_entry(code)
+
+  def wire_bits(self, shape):
+    """Exact payload bits for an input of ``shape``.
+
+    Entry-wise: ``32 ceil(2 d / 32) + 32 + 32 min(budget, d)``; spectral:
+    ``32 s' (n + m + 1)`` with ``s' = min(budget, n, m)``.
+    """
+    shape = tuple(shape)
+    if self.atom_kind(shape) == "svd":
+      n, m = self.matrix_shape(shape)
+      return 32 * min(self.budget, n, m) * (n + m + 1)
+    d = base.num_elements(shape)
+    return 32 * bitpack.packed_words(d, _SYMBOL_BITS) + 32 + 32 * min(self.budget, d)
+
+
+def atomo(budget: int, atoms: str = "auto") -> Atomo:
+  """Builds the ATOMO compressor with sparsity budget ``s = budget``.
+
+  Args:
+    budget: s >= 1, the expected number of atoms sent per encoded array (a spectral code
+      always sends exactly ``min(s, rank)`` atoms; an entry-wise one sends
+      ``min(s, #nonzero)`` on average, a random number of them).
+    atoms: ``"entry"`` (standard basis of the flattened array), ``"svd"`` (spectral atoms
+      of the array viewed as ``shape[0] x prod(shape[1:])``; falls back to entry-wise for
+      ``ndim < 2`` or a matrix dimension of 1), or ``"auto"`` (the same rule as ``"svd"``:
+      spectral for genuine matrices, entry-wise for vectors and scalars).
+
+  Returns:
+    An :class:`Atomo` compressor.
+
+  Raises:
+    ValueError: if ``budget`` is not an integer >= 1 or ``atoms`` is unknown.
+
+  Example:
+    >>> c = atomo(8)
+    >>> c.wire_bits((1000,))      # 63 words of 2-bit symbols, tau, 8 table slots
+    2304
+    >>> atomo(2, atoms="svd").wire_bits((7, 13))   # 2 atoms of 7 + 13 + 1 floats
+    1344
+
+  References:
+    Wang, Sievert, Liu, Charles, Papailiopoulos, Wright, "ATOMO: Communication-efficient
+    Learning via Atomic Sparsification", NeurIPS 2018, arXiv 1806.04090.
+  """
+  return Atomo(budget, atoms)

@@ -1,0 +1,220 @@
+"""TernGrad: stochastic ternarization with one scaler per array.
+
+Wen, Xu, Yan, Wu, Wang, Chen, Li, "TernGrad: Ternary Gradients to Reduce Communication in
+Distributed Deep Learning", NeurIPS 2017 (arXiv 1705.07878). The primary text was not
+reached; this follows the authors' code as summarised in ALGORITHMS.md section 4.
+
+For an array ``g`` (flattened, ``d`` entries) with scaler ``s``, each coordinate becomes
+``s * t_k`` with ``t_k = sign(g_k) * b_k`` and ``b_k ~ Bernoulli(|g_k| / s)`` independent, so
+``P(t_k != 0) = |g_k| / s``, ``E[s t_k] = g_k`` and ``Var(s t_k) = |g_k| (s - |g_k|)`` whenever
+``|g_k| <= s``.
+
+* Without clipping (``clip_factor=None``): ``s = max_k |g_k|`` (layer-wise: one scaler per
+  encoded array) and the codec is unbiased.
+* With ``clip_factor = c``: ``sigma`` is the standard deviation of the array's entries
+  (population, ``ddof = 0``, as the reference code's moments), ``s = c * sigma`` and ``g``
+  is first clipped to ``[-s, s]``. This is the reference code's reading (its scaler is
+  ``c * sigma`` even when ``max|g| < c * sigma``; ``min(c * sigma, max|g|)`` would give the
+  same mean with less variance but is not what TernGrad does). The codec then estimates
+  ``clip(g, -s, s)``: entries beyond ``s`` are shrunk toward zero by ``|g_k| - s``, a bias.
+  A constant array (in particular a one-element array) has ``sigma = 0`` and decodes to
+  zeros; the reference code sends such small tensors in float instead.
+
+Scaler sharing (``integer_sum = True``): with a shared scaler ``s`` (the ``pmax`` of every
+device's ``scales``) each device's ternary levels ``t_k`` are summed as integers and
+``s * sum_m t_{m,k}`` is the sum of the devices' estimates. A shared scaler larger than a
+device's own keeps ``|g_k| / s <= 1``, so the estimate stays unbiased (with a larger
+variance ``|g_k| (s - |g_k|)``); with clipping each device clips to the shared ``s``.
+
+Wire format: per coordinate the symbol ``t_k + 1`` in ``{0, 1, 2}`` in 2 bits, packed 16
+per uint32 word, plus the float32 scaler: ``32 * ceil(2 d / 32) + 32`` bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jrelu.compressors import base
+from jrelu.compressors import bitpack
+
+SYMBOL_BITS = 2  # t + 1 in {0, 1, 2}
+
+
+@base.code_class
+class TernGradCode:
+  """Wire payload of :class:`TernGrad`.
+
+  Attributes:
+    words: uint32 ``[ceil(2 d / 32)]``, the packed 2-bit symbols ``t_k + 1``.
+    scale: float32 ``[1]``, the scaler ``s``.
+    shape: the input's shape (static, not sent).
+    dtype: the input's dtype (static, not sent).
+  """
+  words: jax.Array
+  scale: jax.Array
+  shape: tuple = dataclasses.field(metadata={"static": True})
+  dtype: np.dtype = dataclasses.field(metadata={"static": True})
+
+
+class TernGrad(base.Compressor):
+  """TernGrad's stochastic ternary quantizer ``s * sign(g) * Bernoulli(|g| / s)``.
+
+  Build it with :func:`terngrad`. Supports the shared-scale integer sum
+  (``integer_sum = True``, ``max_level = 1``, one scale per array); ``encode`` is
+  ``quantize`` under this device's own ``scales`` followed by packing, so the per-device
+  codec and the integer-sum aggregation share one implementation.
+
+  Attributes:
+    clip_factor: ``c`` of the ``c * sigma`` clipping, or None for no clipping.
+    unbiased: True exactly when ``clip_factor`` is None (clipping is biased).
+
+  Example:
+    >>> c = terngrad()
+    >>> x = jnp.array([0.5, -1.0, 0.0])   # scaler max|x| = 1: values in {-1, 0, 1}
+    >>> c(jax.random.key(0), x)            # x_0 survives with probability 1/2
+    Array([ 0., -1.,  0.], dtype=float32)
+
+  References:
+    Wen, Xu, Yan, Wu, Wang, Chen, Li, "TernGrad: Ternary Gradients to Reduce
+    Communication in Distributed Deep Learning", NeurIPS 2017, arXiv 1705.07878.
+  """
+
+  name = "terngrad"
+  commutes_with_sum = False
+  integer_sum = True
+  max_level = 1
+
+  def __init__(self, clip_factor: float | None = None):
+    if clip_factor is not None:
+      if isinstance(clip_factor, (bool, np.bool_)) or not isinstance(
+          clip_factor, (int, float, np.integer, np.floating)) or not (
+              math.isfinite(clip_factor) and clip_factor > 0):
+        raise ValueError(
+            f"clip_factor must be None or a finite number > 0, got {clip_factor!r}")
+      clip_factor = float(clip_factor)
+    self.clip_factor = clip_factor
+
+  @property
+  def unbiased(self) -> bool:
+    """True without clipping: ``E[decode(encode(key, x))] = x``."""
+    return self.clip_factor is None
+
+  # --- Shared-scale integer levels -------------------------------------------------------
+
+  def num_scales(self, shape):
+    """One scaler per array, whatever its shape."""
+    del shape
+    return 1
+
+  def scales(self, x):
+    """This device's scaler as float32 ``[1]``.
+
+    Args:
+      x: float32 or bfloat16 array of any shape.
+
+    Returns:
+      ``[max|x|]`` without clipping, ``[clip_factor * std(x)]`` (population std) with it.
+    """
+    flat = jnp.ravel(jnp.asarray(x)).astype(jnp.float32)
+    if self.clip_factor is None:
+      scale = jnp.max(jnp.abs(flat))
+    else:
+      scale = self.clip_factor * jnp.std(flat)
+    return scale.reshape(1)
+
+  def quantize(self, key, x, scales):
+    """Ternary levels of ``x`` under the given scaler.
+
+    Args:
+      key: a PRNG key (one uniform draw per coordinate).
+      x: float32 or bfloat16 array of any shape, ``d`` elements.
+      scales: float32 ``[1]``, the scaler ``s``; may exceed this device's own (a shared
+        ``pmax``). Coordinates are clipped to ``[-s, s]`` first, which is a no-op without
+        clipping whenever ``s >= max|x|``.
+
+    Returns:
+      int32 ``[d]`` levels ``t_k`` in ``{-1, 0, 1}`` with ``P(t_k != 0) = |x_k| / s`` (after
+      clipping); all zero when ``s = 0``.
+    """
+    flat = jnp.ravel(jnp.asarray(x)).astype(jnp.float32)
+    s = scales[0]
+    mag = jnp.minimum(jnp.abs(flat), s)
+    prob = mag / jnp.where(s > 0, s, 1.0)  # s = 0 forces mag = 0, so prob = 0: no NaN
+    fire = jax.random.uniform(key, flat.shape) < prob  # P(u < p) = p for u ~ U[0, 1)
+    level = fire.astype(jnp.int32)
+    return jnp.where(flat < 0, -level, level)
+
+  def dequantize(self, levels, scales, shape, dtype):
+    """``scales[0] * levels`` reshaped to ``shape`` and cast to ``dtype``.
+
+    Args:
+      levels: int32 ``[d]``, one device's levels or a sum of several devices' levels.
+      scales: float32 ``[1]``, the scaler they were quantized with.
+      shape: the output shape (``d`` elements).
+      dtype: the output dtype.
+
+    Returns:
+      Array of ``shape`` and ``dtype``.
+    """
+    values = scales[0] * levels.astype(jnp.float32)
+    return values.reshape(shape).astype(dtype)
+
+  # --- Codec -----------------------------------------------------------------------------
+
+  def encode(self, key, x):
+    """Ternarizes ``x`` under its own scaler and packs the 2-bit symbols.
+
+    Args:
+      key: a PRNG key.
+      x: float32 or bfloat16 array of any shape.
+
+    Returns:
+      A :class:`TernGradCode`.
+    """
+    x = jnp.asarray(x)
+    scale = self.scales(x)
+    levels = self.quantize(key, x, scale)
+    words = bitpack.pack(levels + 1, SYMBOL_BITS)
+    return TernGradCode(words=words, scale=scale, shape=tuple(x.shape), dtype=x.dtype)
+
+  def decode(self, code):
+    """Unpacks the symbols and returns ``scale * t`` in the original shape and dtype."""
+    d = base.num_elements(code.shape)
+    levels = bitpack.unpack(code.words, SYMBOL_BITS, d).astype(jnp.int32) - 1
+    return self.dequantize(levels, code.scale, code.shape, code.dtype)
+
+  def wire_bits(self, shape):
+    return 32 * bitpack.packed_words(base.num_elements(shape), SYMBOL_BITS) + 32
+
+
+def terngrad(clip_factor: float | None = None) -> TernGrad:
+  """Builds TernGrad's ternary quantizer with one scaler per array.
+
+  Args:
+    clip_factor: None (default) for the unbiased quantizer with scaler ``max|g|``; a
+      finite ``c > 0`` (the paper's experiments use 2.5) to clip each array to
+      ``[-c sigma, c sigma]`` and use the scaler ``c sigma``, ``sigma`` the population
+      standard deviation of the array's entries. Clipping lowers the variance but biases
+      entries beyond ``c sigma`` toward zero.
+
+  Returns:
+    A :class:`TernGrad` compressor; ``wire_bits((d,))`` is ``32 * ceil(2 d / 32) + 32``.
+
+  Raises:
+    ValueError: if ``clip_factor`` is not None and not a finite number > 0.
+
+  Example:
+    >>> c = terngrad(clip_factor=2.5)
+    >>> c.wire_bits((1000,))   # 63 words of 16 symbols + the scaler
+    2048
+
+  References:
+    Wen, Xu, Yan, Wu, Wang, Chen, Li, "TernGrad: Ternary Gradients to Reduce
+    Communication in Distributed Deep Learning", NeurIPS 2017, arXiv 1705.07878.
+  """
+  return TernGrad(clip_factor)

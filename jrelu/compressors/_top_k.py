@@ -1,0 +1,197 @@
+"""Top-k sparsification: send the k largest-magnitude coordinates and their indices.
+
+Aji & Heafield, "Sparse Communication for Distributed Gradient Descent", EMNLP 2017
+(arXiv 1704.05021); Stich, Cordonnier, Jaggi, "Sparsified SGD with Memory", NeurIPS 2018
+(arXiv 1809.07599).
+
+For a flattened input ``x`` of ``d`` coordinates, ``C(x)`` keeps ``x_i`` for the ``k``
+indices of largest ``|x_i|`` and zeroes the rest. It is deterministic and biased, and a
+``delta = k / d`` contraction: ``||C(x) - x||^2`` is the sum of the ``d - k`` smallest
+``x_i^2``, which is at most ``(1 - k / d) ||x||^2`` (the smallest ``d - k`` squares average
+no more than all ``d`` do). It is meant to be used with error feedback (memory).
+
+Wire format: the kept values as float32 ``[k]`` and their flat indices, each in a field of
+``bits_for(d) = ceil(log2 d)`` bits (at least 1), packed densely into uint32 words.
+
+This module also holds the ``k`` / ``fraction`` rule shared with ``_rand_k``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fractions
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jrelu.compressors import base
+from jrelu.compressors import bitpack
+
+
+def validate_k_or_fraction(k, fraction) -> tuple[int | None, float | None]:
+  """Checks the ``k`` / ``fraction`` arguments of a sparsifier factory.
+
+  Args:
+    k: None, or an integer >= 1 (Python or numpy; not bool): coordinates kept per array.
+    fraction: None, or a real number with ``0 < fraction <= 1``: share of coordinates kept.
+
+  Returns:
+    ``(k, fraction)`` normalized to ``int`` / ``float`` (the one not given stays None).
+
+  Raises:
+    ValueError: unless exactly one of them is given and it is in range; the message
+      quotes the bad value.
+
+  Example:
+    >>> validate_k_or_fraction(None, 0.25)
+    (None, 0.25)
+  """
+  if (k is None) == (fraction is None):
+    raise ValueError(
+        f"exactly one of k or fraction must be given, got k={k!r}, fraction={fraction!r}")
+  if k is not None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+      raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    return int(k), None
+  if (isinstance(fraction, bool) or not isinstance(fraction, numbers.Real)
+      or not 0 < fraction <= 1):  # also rejects NaN
+    raise ValueError(f"fraction must be a number with 0 < fraction <= 1, got {fraction!r}")
+  return None, float(fraction)
+
+
+def kept_count(k: int | None, fraction: float | None, size: int) -> int:
+  """Number of coordinates a sparsifier keeps from an array of ``size`` elements.
+
+  ``min(k, size)`` for the ``k`` form; ``ceil(fraction * size)`` for the ``fraction`` form,
+  where ``fraction`` is read as the decimal it prints as, so that binary rounding does not
+  add a coordinate (``0.07 * 100`` is ``7.000000000000001`` in floating point, but keeps
+  7). Either way at least 1 when ``size >= 1`` and 0 for an empty array.
+
+  Args:
+    k: validated ``k`` or None.
+    fraction: validated ``fraction`` or None.
+    size: number of elements of the (flattened) array.
+
+  Returns:
+    The kept count, an int in ``[min(1, size), size]``.
+
+  Example:
+    >>> kept_count(None, 0.1, 1000), kept_count(10, None, 1)
+    (100, 1)
+  """
+  if k is not None:
+    return min(k, size)
+  exact = fractions.Fraction(repr(fraction)) * size
+  return min(max(math.ceil(exact), 1), size)
+
+
+@base.code_class
+class TopKCode:
+  """Wire payload of :class:`TopK`.
+
+  Attributes:
+    values: float32 ``[k]``, the kept coordinates of ``x`` (largest magnitude first).
+    words: uint32 ``[packed_words(k, bits_for(d))]``, their flat indices, packed.
+    shape: the input's shape (static, not sent).
+    dtype: the input's dtype (static, not sent).
+  """
+  values: jax.Array
+  words: jax.Array
+  shape: tuple = dataclasses.field(metadata={"static": True})
+  dtype: np.dtype = dataclasses.field(metadata={"static": True})
+
+
+class TopK(base.Compressor):
+  """Top-k sparsifier: keeps the ``k`` coordinates of largest magnitude.
+
+  Build it with :func:`top_k`. Deterministic (the key is ignored), biased (``unbiased``
+  is False), a ``k / d`` contraction; codes do not commute with sum (each device keeps
+  its own indices). Ties in ``|x|`` are broken towards the lowest flat index, the rule of
+  ``jax.lax.top_k``.
+
+  Attributes:
+    k: the configured count, or None when ``fraction`` is used.
+    fraction: the configured share, or None when ``k`` is used.
+
+  References:
+    Aji & Heafield, "Sparse Communication for Distributed Gradient Descent", EMNLP 2017,
+    arXiv 1704.05021. Stich, Cordonnier, Jaggi, "Sparsified SGD with Memory",
+    NeurIPS 2018, arXiv 1809.07599.
+  """
+
+  name = "top_k"
+  unbiased = False
+  commutes_with_sum = False
+
+  def __init__(self, k: int | None = None, fraction: float | None = None):
+    self.k, self.fraction = validate_k_or_fraction(k, fraction)
+
+  def num_kept(self, shape) -> int:
+    """Coordinates kept for an input of ``shape`` (see :func:`kept_count`)."""
+    return kept_count(self.k, self.fraction, base.num_elements(shape))
+
+  def encode(self, key, x):
+    del key  # deterministic
+    x = jnp.asarray(x)
+    size = base.num_elements(x.shape)
+    flat = jnp.ravel(x).astype(jnp.float32)
+    _, indices = jax.lax.top_k(jnp.abs(flat), self.num_kept(x.shape))
+    return TopKCode(values=flat[indices],
+                    words=bitpack.pack(indices, _index_bits(size)),
+                    shape=tuple(x.shape), dtype=x.dtype)
+
+  def decode(self, code):
+    size = base.num_elements(code.shape)
+    k = code.values.shape[0]
+    indices = bitpack.unpack(code.words, _index_bits(size), k).astype(jnp.int32)
+    flat = jnp.zeros((size,), jnp.float32).at[indices].set(code.values, unique_indices=True)
+    return flat.reshape(code.shape).astype(code.dtype)
+
+  def wire_bits(self, shape):
+    size = base.num_elements(shape)
+    k = self.num_kept(shape)
+    return 32 * k + 32 * bitpack.packed_words(k, _index_bits(size))
+
+
+def _index_bits(size: int) -> int:
+  """Field width of one flat index into ``size`` elements (1 bit for size <= 2)."""
+  return bitpack.bits_for(max(size, 1))
+
+
+def top_k(k: int | None = None, *, fraction: float | None = None) -> TopK:
+  """Builds the top-k sparsifier, which keeps the largest-magnitude coordinates.
+
+  Give exactly one of ``k`` and ``fraction``. The count applies to each array that is
+  encoded: under the ``two_phase`` aggregation every chunk of ``ceil(d / N)`` coordinates
+  is one array, so ``fraction`` (same share per chunk) is usually what is wanted there.
+
+  Args:
+    k: integer >= 1, coordinates kept per encoded array, clamped to the array's size.
+    fraction: number in ``(0, 1]``; keeps ``ceil(fraction * size)`` coordinates (at least
+      one) of an array of ``size`` elements.
+
+  Returns:
+    A :class:`TopK` compressor. For an input of ``d`` elements keeping ``k`` of them,
+    ``wire_bits = 32 k + 32 * ceil(k * bits_for(d) / 32)``: float32 values plus packed
+    ``ceil(log2 d)``-bit indices.
+
+  Raises:
+    ValueError: if neither or both of ``k`` and ``fraction`` are given, ``k`` is not an
+      integer >= 1, or ``fraction`` is not in ``(0, 1]``.
+
+  Example:
+    >>> c = top_k(2)
+    >>> c(jax.random.key(0), jnp.array([0.5, -3.0, 1.0, 2.0]))
+    Array([ 0., -3.,  0.,  2.], dtype=float32)
+    >>> c.wire_bits((1000,))   # 2 float32 values + 2 indices of 10 bits in one word
+    96
+
+  References:
+    Aji & Heafield, "Sparse Communication for Distributed Gradient Descent", EMNLP 2017,
+    arXiv 1704.05021. Stich, Cordonnier, Jaggi, "Sparsified SGD with Memory",
+    NeurIPS 2018, arXiv 1809.07599.
+  """
+  return TopK(k, fraction)
