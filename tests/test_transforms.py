@@ -71,3 +71,89 @@ def test_chain_on_8_devices_under_pmap():
   np.testing.assert_array_equal(out[3], out[0])
   # -1 * compressed mean: close to -mean(grads) (QSGD noise is O(1/sqrt(8)) here).
   assert np.corrcoef(np.asarray(out[0]), -np.asarray(grads.mean(0)))[0, 1] > 0.5
+
+
+# ----------------------------------------------------------------------------------------
+# Error feedback and Signum.
+
+
+def test_error_feedback_keeps_the_exact_residual_on_one_device():
+  """e_{t+1} = (g_t + e_t) - C(g_t + e_t), with C the codec under the step's leaf key."""
+  c = compressors.top_k(5)
+  key = jax.random.key(2)
+  tx = transforms.error_feedback(c, key=key)
+  grads = [{"w": jax.random.normal(jax.random.key(i), (40,))} for i in range(3)]
+  state = tx.init(grads[0])
+  error = np.zeros(40, np.float32)
+  for t, g in enumerate(grads):
+    out, state = jax.jit(tx.update)(g, state)
+    p = np.asarray(g["w"]) + error
+    leaf_key = jax.random.split(jax.random.fold_in(key, t), 1)[0]
+    sent = np.asarray(c(leaf_key, jnp.asarray(p)))
+    np.testing.assert_allclose(np.asarray(out["w"]), sent, rtol=1e-6)
+    error = p - sent
+    np.testing.assert_allclose(np.asarray(state.error["w"]), error, rtol=1e-6, atol=1e-7)
+  assert np.count_nonzero(error) == 40 - 5  # top-k sends 5 and keeps the rest
+
+
+def test_error_feedback_sends_everything_eventually():
+  """With a constant gradient the sum of what top-1 sent over T steps is T g minus the
+  bounded residual: nothing is lost, only delayed (the point of error feedback)."""
+  g = {"w": jnp.array([3.0, -2.0, 1.0, 0.5])}
+  tx = transforms.error_feedback(compressors.top_k(1), key=jax.random.key(0))
+  state = tx.init(g)
+  update = jax.jit(tx.update)
+  total = np.zeros(4)
+  for _ in range(40):
+    out, state = update(g, state)
+    total += np.asarray(out["w"])
+  np.testing.assert_allclose(total + np.asarray(state.error["w"]), 40 * np.asarray(g["w"]),
+                             rtol=1e-5)
+  assert np.all(np.abs(np.asarray(state.error["w"])) < 4 * 6.5)  # bounded by d * ||g||_inf
+
+
+def test_error_feedback_residual_is_per_device_and_output_is_shared():
+  """Under pmap each device keeps its own residual (its gradient minus what it sent),
+  while every device receives the same averaged update."""
+  n = 8
+  c = compressors.top_k(fraction=0.25)
+  tx = transforms.error_feedback(c, key=jax.random.key(0), axis_name="data",
+                                 aggregation="all_gather")
+  x = jax.random.normal(jax.random.key(1), (n, 32))
+
+  def step(g):
+    state = tx.init(g)
+    out, state = tx.update(g, state)
+    return out, state.error
+
+  out, error = jax.pmap(step, axis_name="data", devices=jax.devices()[:n])(x)
+  out, error, x = np.asarray(out), np.asarray(error), np.asarray(x)
+  for i in range(1, n):
+    np.testing.assert_array_equal(out[i], out[0])
+  sent = x - error  # what each device sent: its own top-8 coordinates
+  assert all(np.count_nonzero(sent[i]) == 8 for i in range(n))
+  np.testing.assert_allclose(out[0], sent.mean(axis=0), rtol=1e-6, atol=1e-7)
+  assert not np.allclose(error[0], error[1])
+
+
+def test_error_feedback_rejects_bad_input():
+  with pytest.raises(ValueError, match="Compressor"):
+    transforms.error_feedback("top_k", key=jax.random.key(0))
+  with pytest.raises(ValueError, match="majority_vote"):
+    transforms.error_feedback(compressors.top_k(3), key=jax.random.key(0), axis_name="data",
+                              aggregation="majority_vote")
+
+
+def test_signum_is_the_sign_of_the_momentum():
+  """Single device: Signum's output is sign(m_t), m_t = beta m_{t-1} + (1 - beta) g_t."""
+  beta = 0.9
+  tx = transforms.signum(beta, key=jax.random.key(0))
+  grads = [jax.random.normal(jax.random.key(i), (64,)) for i in range(4)]
+  state = tx.init(grads[0])
+  m = np.zeros(64, np.float32)
+  for g in grads:
+    out, state = tx.update(g, state)
+    m = beta * m + (1 - beta) * np.asarray(g)
+    np.testing.assert_array_equal(np.asarray(out), np.where(m < 0, -1.0, 1.0))
+  with pytest.raises(ValueError, match="beta must be in"):
+    transforms.signum(1.0, key=jax.random.key(0))
