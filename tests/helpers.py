@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import optax
 
 from jrelu import compressors
+from jrelu import network
 from jrelu import parallel
 from jrelu import planted
 from jrelu import transforms
@@ -41,3 +42,31 @@ def run(tx, devices, num_steps, wrapper="pmap", batch_size=BATCH_SIZE, data=None
   step = parallel.make_step(planted.loss, batch_fn(batch_size), tx, metrics_fn=planted.metrics_fn)
   fn = parallel.wrap(wrapper, parallel.scan_steps(step, num_steps), devices)
   return fn(*replicated_inputs(tx, devices, data))
+
+
+# The planted one-hidden-layer network of jrelu.network (PowerSGD and ATOMO tests).
+NET_DIM, NUM_HIDDEN, NET_SAMPLES, NET_BATCH = 20, 4, 400, 256
+
+
+def pmean_transform(axis_name="data"):
+  """Uncompressed data-parallel SGD's aggregation: the float32 mean of the gradients."""
+  return optax.GradientTransformation(
+      lambda params: optax.EmptyState(),
+      lambda updates, state, params=None: (jax.lax.pmean(updates, axis_name), state))
+
+
+def network_problem(seed, dim=NET_DIM, num_hidden=NUM_HIDDEN, num_samples=NET_SAMPLES):
+  """(teacher, dataset, initial params) of a small planted network."""
+  teacher = network.sample_teacher(jax.random.key(seed), dim, num_hidden)
+  data = network.sample_dataset(jax.random.key(seed + 1), teacher, num_samples)
+  params = network.init_params(jax.random.key(seed + 2), dim, num_hidden, scale=1.0)
+  return teacher, data, params
+
+
+def train_network(tx, params, data, num_steps, devices, wrapper="pmap", seed=0):
+  """Data-parallel training of the planted network; returns the final (replicated) state."""
+  step = parallel.make_step(network.loss, network.make_batch_fn(NET_BATCH), tx)
+  fn = parallel.wrap(wrapper, parallel.scan_steps(step, num_steps), devices)
+  inputs = (parallel.init_state(params, tx), data, jax.random.key(seed))
+  state, _ = fn(*parallel.replicate(inputs, devices))
+  return state

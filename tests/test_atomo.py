@@ -528,3 +528,29 @@ def test_factory_accepts_numpy_integers():
   assert c.budget == 4 and type(c.budget) is int and c.atoms == "svd"
   assert isinstance(c, compressors.Atomo) and c.unbiased and not c.commutes_with_sum
   assert c.name == "atomo"
+
+
+def test_atomo_trains_the_planted_network_inside_optax_chain():
+  """ATOMO on a pytree of several parameters: spectral atoms for the [K, d] hidden matrix,
+  entry-wise atoms for the bias and output vectors, codes all-gathered across 8 devices
+  inside optax.chain(compress(atomo), sgd). Measured in exactly this setting (seed 40,
+  budget 3, lr 0.4, 600 steps): the training loss falls to 8e-12 x its initial value and
+  the held-out relative error is 3.5e-6 (budget 2 at lr 0.2 only gets to 8e-3 x); the
+  asserted 1e-6 x and 1e-3 leave orders of magnitude of margin."""
+  import optax
+  import helpers
+  from jrelu import network, parallel, transforms
+  devices = jax.devices()[:8]
+  teacher, data, params = helpers.network_problem(40)
+  tx = optax.chain(
+      transforms.compress(compressors.atomo(3), key=jax.random.key(7), axis_name="data",
+                          aggregation="all_gather"),
+      optax.sgd(0.4))
+  state = helpers.train_network(tx, params, data, 600, devices)
+  trained = parallel.unreplicate(state.params)
+  loss = jax.jit(network.loss)
+  assert float(loss(trained, data.x, data.y)) <= 1e-6 * float(loss(params, data.x, data.y))
+  held_out = network.sample_dataset(jax.random.key(99), teacher, 2000)
+  assert float(network.relative_error(trained, held_out)) < 1e-3
+  # The hidden matrix really went through spectral atoms (the "auto" rule for [4, 20]).
+  assert compressors.atomo(3).atom_kind((4, 20)) == "svd"

@@ -1,0 +1,257 @@
+r"""Every compressor on equal terms: bits on the wire and error reached on the planted ReLU.
+
+Two sections, both on the default planted problem of ``python -m jrelu.train`` (d = 1000,
+n = 4000, global batch 1024):
+
+* ``wire``: bits one device sends per step, read from the compiled training step's HLO
+  (``jrelu.wire``), for every compressor in ``METHODS`` and every aggregation it supports,
+  at 2, 4 and 8 devices, next to the float32 all-reduce.
+* ``convergence``: each row of ``METHODS`` trained with its flags on 8 devices until it
+  reaches its threshold (1e-4; 1e-2 for unscaled majority-vote signSGD and Signum): steps,
+  bits per step and bits to the threshold.
+
+    python benchmarks/compressors.py --outdir=runs/compressors
+    python benchmarks/compressors.py --sections=wire --quick
+
+Ends by printing one JSON line; writes ``OUTDIR/summary.md`` (the README's tables) and
+``OUTDIR/bits_to_threshold.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from jrelu import train  # noqa: E402  (defines --seed, which this binary uses)
+
+SECTIONS = ("wire", "convergence")
+
+_OUTDIR = flags.DEFINE_string("outdir", "runs/compressors", "Where results and plots go.")
+_SECTIONS = flags.DEFINE_multi_enum("sections", list(SECTIONS), list(SECTIONS),
+                                    "Which sections to run.")
+_QUICK = flags.DEFINE_bool("quick", False, "Wire bits at 8 devices only and no training "
+                           "(about a minute).")
+
+# (row name, train.Config overrides, threshold). The flags of each row are what README
+# quotes: `python -m jrelu.train --FLAG=VALUE ...`.
+METHODS = [
+    ("float32 SGD", dict(compressor="none", aggregation="psum", learning_rate=0.5), 1e-4),
+    ("QSGD s=4 (max)", dict(compressor="qsgd", num_levels=4, learning_rate=0.5), 1e-4),
+    ("QSGD s=4 (max), integer psum", dict(compressor="qsgd", num_levels=4,
+                                          aggregation="integer_psum", learning_rate=0.5),
+     1e-4),
+    ("signSGD, majority vote", dict(compressor="sign", aggregation="majority_vote",
+                                    learning_rate=0.004, lr_schedule="exponential",
+                                    decay_steps=150), 1e-2),
+    ("Signum 0.9, majority vote", dict(compressor="sign", aggregation="majority_vote",
+                                       momentum=0.9, learning_rate=0.004,
+                                       lr_schedule="exponential", decay_steps=150), 1e-2),
+    ("scaled sign + EF", dict(compressor="sign", scaled_sign=True, error_feedback=True,
+                              learning_rate=0.5), 1e-4),
+    ("TernGrad", dict(compressor="terngrad", learning_rate=0.1), 1e-4),
+    ("TernGrad, integer psum", dict(compressor="terngrad", aggregation="integer_psum",
+                                    learning_rate=0.1), 1e-4),
+    ("top-k 10% + EF", dict(compressor="top_k", fraction=0.1, error_feedback=True,
+                            learning_rate=0.5), 1e-4),
+    ("rand-k 50%", dict(compressor="rand_k", fraction=0.5, learning_rate=0.2), 1e-4),
+    ("FO-SGD (dither 0.35)", dict(compressor="fo_sgd", dither_scale=0.35,
+                                  learning_rate=0.3), 1e-4),
+    ("ATOMO budget 32", dict(compressor="atomo", budget=32, learning_rate=0.1), 1e-4),
+    ("PowerSGD rank 1", dict(compressor="powersgd", rank=1, learning_rate=0.5), 1e-4),
+]
+
+# One codec per compressor for the wire table, with the hyper-parameters of METHODS.
+WIRE_CODECS = [
+    ("none", dict(compressor="none")),
+    ("qsgd s=4", dict(compressor="qsgd", num_levels=4)),
+    ("sign", dict(compressor="sign")),
+    ("sign (scaled)", dict(compressor="sign", scaled_sign=True)),
+    ("terngrad", dict(compressor="terngrad")),
+    ("top_k 10%", dict(compressor="top_k", fraction=0.1)),
+    ("rand_k 50%", dict(compressor="rand_k", fraction=0.5)),
+    ("fo_sgd", dict(compressor="fo_sgd")),
+    ("atomo budget 32", dict(compressor="atomo", budget=32)),
+]
+
+
+def flags_of(overrides: dict) -> str:
+  """The ``jrelu.train`` command-line flags of a METHODS row."""
+  out = []
+  for name, value in overrides.items():
+    if isinstance(value, bool):
+      out.append(f"--{name}" if value else f"--no{name}")
+    else:
+      out.append(f"--{name}={value}")
+  return " ".join(out)
+
+
+def run_dir(outdir: str, name: str) -> str:
+  """The training workdir of the METHODS row ``name``."""
+  slug = "".join(c if c.isalnum() or c in "=." else "_" for c in name)
+  return os.path.join(outdir, "runs", slug)
+
+
+def measure_wire(config, devices) -> float:
+  """Bits one device sends per step of ``config``'s training step (from its HLO)."""
+  import jax
+  from jrelu import parallel, planted, wire
+  compressor = train.make_compressor(config, len(devices))
+  key = jax.random.key(config.seed)
+  w_star = planted.sample_w_star(key, config.dim)
+  dataset = planted.sample_dataset(key, w_star, config.batch_size)
+  tx = train.make_tx(config, compressor, key)
+  step = parallel.make_step(planted.loss, planted.make_batch_fn(config.batch_size), tx,
+                            metrics_fn=planted.metrics_fn)
+  state = parallel.init_state(planted.init_params("zeros", key, dataset), tx)
+  inputs = parallel.replicate((state, (dataset, w_star), key), devices)
+  return wire.measure(parallel.wrap("pmap", step, devices), *inputs).sent_bits
+
+
+def wire_section(device_counts):
+  """Measured bits per step per device for every codec x aggregation x device count."""
+  import jax
+  from jrelu import aggregation
+  rows = []
+  for name, overrides in WIRE_CODECS:
+    base = train.Config(**overrides)
+    for strategy in aggregation.supported(train.make_compressor(base)):
+      row = {"codec": name, "aggregation": strategy}
+      for n in device_counts:
+        config = dataclasses.replace(base, aggregation=strategy)
+        bits = measure_wire(config, jax.devices()[:n])
+        predicted = aggregation.wire_bits(strategy, train.make_compressor(config, n),
+                                          (config.dim,), n)
+        if abs(bits - predicted) > 1e-6 * max(1.0, predicted):
+          raise RuntimeError(f"{name} {strategy} N={n}: HLO {bits} != formula {predicted}")
+        row[f"bits_{n}_devices"] = bits
+        row[f"ratio_{n}_devices"] = (aggregation.float32_allreduce_bits((config.dim,), n)
+                                     / bits)
+      logging.info("wire %-16s %-13s %s", name, strategy,
+                   {n: row[f"bits_{n}_devices"] for n in device_counts})
+      rows.append(row)
+  return rows
+
+
+def convergence_section(outdir, seed, devices):
+  """Trains every METHODS row to its threshold; returns one result dict per row."""
+  rows = []
+  for name, overrides, threshold in METHODS:
+    workdir = run_dir(outdir, name)
+    config = train.Config(**overrides, num_steps=6000, target_relative_error=threshold,
+                          log_every=50, seed=seed, workdir=workdir)
+    start = time.perf_counter()
+    try:
+      summary = train.train(config, devices)
+    except train.DivergedError as e:
+      summary = {"status": "diverged", "steps_to_target": None, "relative_error": None,
+                 "wire_bits_per_step_per_device": None, "compression_ratio": None,
+                 "diverged_at_step": e.step}
+    steps = summary["steps_to_target"]
+    bits = summary["wire_bits_per_step_per_device"]
+    rows.append({
+        "method": name, "flags": flags_of(overrides), "threshold": threshold,
+        "status": summary["status"], "steps_to_threshold": steps,
+        "relative_error": summary["relative_error"],
+        "wire_bits_per_step_per_device": bits,
+        "compression_ratio": summary["compression_ratio"],
+        "bits_to_threshold_per_device": steps * bits if steps and bits else None,
+        "wall_seconds": time.perf_counter() - start,
+        "metrics_path": os.path.join(workdir, "metrics.jsonl"),
+    })
+    logging.info("%-32s %s: %s steps to %.0e", name, summary["status"], steps, threshold)
+  float32 = next(r for r in rows if r["method"] == "float32 SGD")
+  for row in rows:
+    if row["bits_to_threshold_per_device"] and float32["bits_to_threshold_per_device"]:
+      row["fewer_bits_than_float32_sgd"] = (float32["bits_to_threshold_per_device"]
+                                            / row["bits_to_threshold_per_device"])
+  return rows
+
+
+def markdown(wire_rows, convergence_rows, device_counts) -> str:
+  """The README tables."""
+  lines = []
+  if wire_rows:
+    head = " | ".join(f"N={n}" for n in device_counts)
+    lines += ["Bits sent per device per step, d = 1000, read from the compiled step's HLO "
+              "(float32 all-reduce: " + ", ".join(
+                  f"{2 * (n - 1) / n * 32 * 1000:,.0f}" for n in device_counts) + "):",
+              "", f"| codec | aggregation | {head} | fewer than float32 at N={device_counts[-1]} |",
+              "|---|---|" + "---:|" * (len(device_counts) + 1)]
+    for r in wire_rows:
+      cells = " | ".join(f"{r[f'bits_{n}_devices']:,.0f}" for n in device_counts)
+      lines.append(f"| {r['codec']} | {r['aggregation']} | {cells} | "
+                   f"{r[f'ratio_{device_counts[-1]}_devices']:.1f}x |")
+    lines.append("")
+  if convergence_rows:
+    lines += ["| method | flags | threshold | steps | bits/step/device | Mbit to threshold | "
+              "fewer bits than float32 SGD |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in convergence_rows:
+      mbit = (f"{r['bits_to_threshold_per_device'] / 1e6:.2f}"
+              if r["bits_to_threshold_per_device"] else "-")
+      fewer = (f"{r['fewer_bits_than_float32_sgd']:.1f}x"
+               if r.get("fewer_bits_than_float32_sgd") else "-")
+      bits = (f"{r['wire_bits_per_step_per_device']:,.0f}"
+              if r["wire_bits_per_step_per_device"] else "-")
+      lines.append(f"| {r['method']} | `{r['flags']}` | {r['threshold']:.0e} | "
+                   f"{r['steps_to_threshold'] or r['status']} | {bits} | {mbit} | {fewer} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(convergence_rows, outdir):
+  """Relative error against Mbit sent per device, one line per METHODS row."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for r in convergence_rows:
+    if not os.path.exists(r["metrics_path"]):
+      continue
+    with open(r["metrics_path"]) as f:
+      records = [json.loads(line) for line in f]
+    ax.loglog([x["cumulative_wire_bits_per_device"] / 1e6 for x in records],
+              [x["relative_error"] for x in records], label=r["method"])
+  ax.set_xlabel("Mbit sent per device (from HLO)")
+  ax.set_ylabel(r"$\|w - w^*\| / \|w^*\|$")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(outdir, "bits_to_threshold.png"), dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  foreign = common.foreign_flags_present(train, allowed=("seed",))
+  if foreign:
+    common.fail(f"flag --{foreign[0]} is not used by this benchmark (only --seed of "
+                "jrelu.train is)")
+  from jrelu import parallel
+  devices = parallel.setup_devices(8)
+  os.makedirs(_OUTDIR.value, exist_ok=True)
+  device_counts = (8,) if _QUICK.value else (2, 4, 8)
+  start = time.perf_counter()
+  wire_rows = wire_section(device_counts) if "wire" in _SECTIONS.value else []
+  convergence_rows = []
+  if "convergence" in _SECTIONS.value and not _QUICK.value:
+    convergence_rows = convergence_section(_OUTDIR.value, flags.FLAGS.seed, devices)
+    plot(convergence_rows, _OUTDIR.value)
+  with open(os.path.join(_OUTDIR.value, "summary.md"), "w") as f:
+    f.write(markdown(wire_rows, convergence_rows, device_counts))
+  common.print_json_line({
+      "benchmark": "compressors", **common.machine_info(),
+      "wire": wire_rows, "convergence": convergence_rows,
+      "wall_seconds": time.perf_counter() - start,
+  })
+
+
+if __name__ == "__main__":
+  common.run_main(main)
