@@ -1,0 +1,96 @@
+"""Smoke test of ``benchmarks/reproduce.py``: tiny settings, one JSON line, its fields.
+
+Not a timed test: it only checks that every section runs end to end and reports what the
+benchmark promises, plus the one-line errors for bad flags.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "reproduce.py"
+TINY = ["--quick", "--phase_dims=6", "--phase_ratios=2,5", "--phase_trials=2",
+        "--phase_iters=100", "--dim=20", "--num_samples=160", "--batch_size=32",
+        "--num_steps=300", "--methods=sgd,qsgd_s4", "--learning_rates=0.4",
+        "--timing_steps=20", "--num_devices=2"]
+
+
+def run(*flags, cwd):
+  env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  return subprocess.run([sys.executable, str(SCRIPT), *flags], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_tiny_run_prints_one_json_line_with_every_section(tmp_path):
+  result = run(*TINY, f"--outdir={tmp_path}", cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  assert len(lines) == 1, result.stdout
+  out = json.loads(lines[0])
+  for key in ("jax_version", "backend", "device_count", "cpu_model", "cpu_cores",
+              "num_devices", "quick", "sections", "seed", "runtime_seconds",
+              "section_seconds", "summary_md", "plots", "training"):
+    assert key in out, key
+  assert out["benchmark"] == "reproduce"
+  assert out["sections"] == ["phase_transition", "convergence", "bits_to_accuracy",
+                             "communication"]
+
+  phase = out["phase_transition"]
+  assert phase["n_over_d"] == [2.0, 5.0]
+  for method in ("gd", "sgd"):
+    success = phase["success_probability"][method]["6"]
+    assert len(success) == 2 and all(0 <= p <= 1 for p in success)
+    assert "6" in phase["threshold_n_over_d"][method]
+
+  conv = out["convergence"]["methods"]
+  assert set(conv) == {"sgd", "qsgd_s4"}
+  for row in conv.values():
+    assert row["best_learning_rate"] == 0.4
+    assert row["steps_to_target"] is not None
+    assert row["grid"][0]["status"] == "reached_target"
+    assert (row["grid"][0]["wire_bits_per_step_per_device"]
+            == row["grid"][0]["predicted_wire_bits_per_step_per_device"])
+
+  bits = out["bits_to_accuracy"]
+  assert bits["methods"]["sgd"]["times_fewer_bits_than_float32"] == 1.0
+  assert bits["headline"]["method"] == "qsgd_s4"
+  assert bits["headline"]["times_fewer_bits_than_float32"] > 1
+
+  comm = out["communication"]
+  assert comm["worker_counts"] == [8, 16, 32]  # those dividing the global batch of 32
+  assert set(comm["seconds_to_target"]) == {"1", "10", "100"}
+  for bw in comm["seconds_to_target"].values():
+    for seconds in bw.values():
+      assert len(seconds) == 3 and all(s > 0 for s in seconds)
+  assert all(c > 0 for c in comm["compute_seconds_per_step"]["qsgd_s4"])
+
+  summary = pathlib.Path(out["summary_md"]).read_text()
+  for heading in ("## Phase transition", "## Convergence and bits to accuracy",
+                  "## Projected time to 1e-6"):
+    assert heading in summary
+  assert {pathlib.Path(p).name for p in out["plots"]} == {
+      "phase_transition.png", "convergence.png", "bits_to_accuracy.png",
+      "communication_model.png"}
+  for p in out["plots"]:
+    assert pathlib.Path(p).stat().st_size > 0
+  assert json.loads((tmp_path / "results.json").read_text())["seed"] == out["seed"]
+
+
+@pytest.mark.parametrize("flag, name", [
+    ("--sections=phase_transition,bogus", "--sections"),
+    ("--phase_ratios=1,x", "--phase_ratios"),
+    ("--methods=qsgd_s3", "--methods"),
+    ("--learning_rate=0.1", "--learning_rate"),  # a jrelu.train flag it sets per method
+])
+def test_bad_flag_is_one_line_without_traceback(tmp_path, flag, name):
+  result = run(flag, f"--outdir={tmp_path}", cwd=tmp_path)
+  assert result.returncode == 2
+  assert result.stdout == ""
+  assert "Traceback" not in result.stderr
+  errors = [l for l in result.stderr.splitlines() if l.startswith("reproduce.py: error:")]
+  assert len(errors) == 1 and name in errors[0], result.stderr
