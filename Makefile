@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test clean
+.PHONY: run test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,13 @@ run: $(STAMP)
 ## test: set up .venv and run the test suite
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+## bench: set up .venv with the bench extra (torch==2.13.0) and run the quick benchmarks
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) benchmarks/step_throughput.py --quick --outdir=runs/bench/step_throughput
+	$(PY) benchmarks/compressors.py --quick --outdir=runs/bench/compressors
+	$(PY) benchmarks/reproduce.py --quick --outdir=runs/bench/reproduce
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
