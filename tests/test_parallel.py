@@ -22,9 +22,11 @@ def test_identity_on_8_devices_matches_single_device_whole_batch():
   devices = jax.devices()[:DEVICES]
   state, metrics = helpers.run(helpers.make_tx(aggregation="psum"), devices, num_steps=20)
   single_tx = helpers.make_tx(axis_name=None)
+  # One device reads the 8 devices' windows when told the data set has 8 segments.
   single = parallel.scan_steps(
-      parallel.make_step(planted.loss, helpers.batch_fn(), single_tx,
-                         metrics_fn=planted.metrics_fn, axis_name=None), 20)
+      parallel.make_step(planted.loss,
+                         planted.make_batch_fn(helpers.BATCH_SIZE, num_segments=DEVICES),
+                         single_tx, metrics_fn=planted.metrics_fn, axis_name=None), 20)
   data = helpers.problem()
   ref_state, ref_metrics = jax.jit(single)(
       parallel.init_state(jnp.zeros(helpers.DIM), single_tx), data, jax.random.key(4))
@@ -94,10 +96,62 @@ def test_compressor_sees_per_device_gradients(wrapper):
   # Expected: each shard's own gradient of its local mean loss.
   step_key = jax.random.fold_in(jax.random.key(4), 0)
   for i in range(DEVICES):
-    x, y = planted.minibatch(step_key, data[0], helpers.BATCH_SIZE, i, DEVICES)
+    x, y = planted.window_minibatch(step_key, data[0], helpers.BATCH_SIZE, i, DEVICES)
     np.testing.assert_allclose(seen[i], jax.grad(planted.loss)(w0, x, y), rtol=1e-5,
                                atol=1e-6, err_msg=f"device {i}")
   assert not np.allclose(seen[0], seen[1])  # shards differ, so the gradients must too
+
+
+@pytest.mark.parametrize("aggregation", ["psum", "two_phase"])
+def test_vmapped_matches_pmapped(aggregation):
+  """N devices simulated in one program compute what pmap computes, data shared or split."""
+  devices = jax.devices()[:DEVICES]
+  tx = helpers.make_tx(compressors.qsgd(4), aggregation)
+  by_pmap, m_pmap = helpers.run(tx, devices, 20)
+  step = parallel.make_step(planted.loss, helpers.batch_fn(), tx, metrics_fn=planted.metrics_fn)
+  run = parallel.scan_steps(step, 20)
+  dataset, w_star = helpers.problem()
+  state = parallel.init_state(jnp.zeros(helpers.DIM), tx)
+  key = jax.random.key(4)
+  axes = parallel.VMAP_STATE_AXES
+  shared = parallel.vmapped(run, DEVICES, in_axes=(axes, None, None), out_axes=(axes, 0))(
+      parallel.stack(state, DEVICES, axes), (dataset, w_star), key)
+  split = parallel.vmapped(run, DEVICES, in_axes=(axes, (0, None), None),
+                           out_axes=(axes, 0))(
+      parallel.stack(state, DEVICES, axes),
+      (planted.split_segments(dataset, DEVICES), w_star), key)
+  plain = parallel.vmapped(run, DEVICES)(
+      *parallel.stack((state, (dataset, w_star), key), DEVICES))
+  for vm_state, vm_metrics in (shared, split, plain):
+    np.testing.assert_allclose(vm_state.params, by_pmap.params, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(vm_metrics["loss"], m_pmap["loss"], rtol=1e-4, atol=1e-7)
+  assert int(shared[0].step) == 20 and shared[0].params.shape == (DEVICES, helpers.DIM)
+
+
+def test_pmap_over_sharded_segments_matches_replicated_data():
+  """Each device holding only its segment reads the same rows as with the whole data set."""
+  devices = jax.devices()[:DEVICES]
+  tx = helpers.make_tx(compressors.qsgd(2))
+  replicated, _ = helpers.run(tx, devices, 15)
+  step = parallel.make_step(planted.loss, helpers.batch_fn(), tx, metrics_fn=planted.metrics_fn)
+  dataset, w_star = helpers.problem()
+  state, w_rep, key = parallel.replicate(
+      (parallel.init_state(jnp.zeros(helpers.DIM), tx), w_star, jax.random.key(4)), devices)
+  segments = parallel.shard(planted.split_segments(dataset, DEVICES), devices)
+  assert {s.device for s in segments.x.addressable_shards} == set(devices)
+  sharded, _ = parallel.pmapped(parallel.scan_steps(step, 15), devices)(
+      state, (segments, w_rep), key)
+  np.testing.assert_allclose(sharded.params, replicated.params, rtol=1e-5, atol=1e-6)
+
+
+def test_vmapped_stack_and_shard_errors():
+  with pytest.raises(ValueError, match="num_devices must be an integer >= 1, got 0"):
+    parallel.vmapped(lambda x: x, 0)
+  with pytest.raises(ValueError, match="leading axis of size 8"):
+    parallel.shard(jnp.zeros((3, 2)), jax.devices()[:DEVICES])
+  stacked = parallel.stack({"a": jnp.arange(3.0), "b": 5}, 4, {"a": 0, "b": None})
+  chex.assert_shape(stacked["a"], (4, 3))
+  assert stacked["b"] == 5
 
 
 def test_same_seed_same_run_bit_for_bit():
