@@ -75,12 +75,17 @@ class Method:
     learning_rate: SGD step size (it does not change the cost of a step).
     torch_peers: names of the PyTorch peers doing the same kind of compression (for the
       per-method ratio; the targets use the fastest peer of all).
+    key_impl: PRNG implementation of the compressor's key (None: JAX's default,
+      threefry2x32), e.g. "philox4x32".
+    paths: the step paths this row is timed on (None: all of the run's).
   """
   compressor: str
   kwargs: dict
   aggregation: str
   learning_rate: float = 0.5
   torch_peers: tuple = ()
+  key_impl: str | None = None
+  paths: tuple | None = None
 
 
 # The compressors whose training step is timed. Adding one is one line.
@@ -89,6 +94,12 @@ METHODS = {
                                                     "loop_none")),
     "qsgd": Method("qsgd", {"num_levels": 4, "norm": "max"}, "two_phase",
                    torch_peers=("ddp_quantization", "ddp_powersgd", "loop_qsgd")),
+    # The same step with a Philox key: QSGD's uniform draws dominate its cost on CPU, and
+    # Philox draws them about twice as fast as threefry (the numbers differ, not the law).
+    # vmap only: JAX 0.10.2 cannot lower Philox's mulhi inside pmap ("mhlo.unknown").
+    "qsgd_philox": Method("qsgd", {"num_levels": 4, "norm": "max"}, "two_phase",
+                          torch_peers=("ddp_quantization", "ddp_powersgd", "loop_qsgd"),
+                          key_impl="philox4x32", paths=("vmap",)),
 }
 TARGET_METHOD = "qsgd"
 SWEEP_METHOD = "qsgd"
@@ -103,13 +114,15 @@ TORCH_DDP_HOOKS = ("allreduce", "fp16", "quantization", "powersgd")
 TARGETS = {"roofline_ratio": 0.5, "times_fastest_torch_peer": 3.0}
 
 FULL = {"repeats": 7, "steps_per_chunk": 50, "sweep_dims": "250,500,1000,2000,4000",
+        "kernel_call_seconds": 0.2, "ddp_worker_counts": "all", "scale_steps": 3,
         "sweep_batches": "512,1024,2048,4096,8192", "kernel_dims": "1e3,1e4,1e5,1e6,1e7",
         "torch_steps": 20, "ddp_steps": 10, "ddp_hooks": TORCH_DDP_HOOKS,
-        "step_paths": PATHS}
-QUICK = {"repeats": 3, "steps_per_chunk": 20, "sweep_dims": "250,1000,4000",
-         "sweep_batches": "512,2048,8192", "kernel_dims": "1e3,1e4,1e5,1e6",
+        "step_paths": PATHS, "methods": None}
+QUICK = {"repeats": 3, "steps_per_chunk": 20, "sweep_dims": "250,4000",
+         "sweep_batches": "512,8192", "kernel_call_seconds": 0.05, "ddp_worker_counts": "N",
+         "scale_steps": 1, "kernel_dims": "1e3,1e4,1e5,1e6",
          "torch_steps": 10, "ddp_steps": 4, "ddp_hooks": ("allreduce",),
-         "step_paths": ("vmap", "pmap")}
+         "step_paths": ("vmap", "pmap"), "methods": ("none", "qsgd")}
 
 _OUTDIR = flags.DEFINE_string("outdir", "runs/step_throughput", "Where results and plots go.")
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer repeats, sizes and peers (~2 minutes).")
@@ -118,7 +131,8 @@ _SECTIONS = flags.DEFINE_list("sections", ",".join(SECTIONS),
 _REPEATS = flags.DEFINE_integer("repeats", None, "Timed repeats per configuration "
                                 "(default 7, quick 3).", lower_bound=1)
 _SKIP_TORCH = flags.DEFINE_bool("skip_torch", False, "Skip the PyTorch peers.")
-_METHODS = flags.DEFINE_list("methods", None, "Rows of METHODS to time (default: all).")
+_METHODS = flags.DEFINE_list("methods", None, "Rows of METHODS to time (default: all; "
+                             "quick: none, qsgd).")
 _SWEEP_METHOD = flags.DEFINE_enum("sweep_method", SWEEP_METHOD, list(METHODS),
                                   "Row of METHODS that the sweep times.")
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 8, "Devices N of the multi-device runs "
@@ -146,8 +160,8 @@ _SCALE_DIM = flags.DEFINE_integer("scale_dim", 1_000_000, "d of the scale sectio
 _SCALE_BATCH_SIZE = flags.DEFINE_integer(
     "scale_batch_size", 256, "Global batch of the scale section (256 over 8 devices at "
     "d = 1e6: 1 GB of float32 inputs drawn per step).", lower_bound=1)
-_SCALE_STEPS = flags.DEFINE_integer("scale_steps", 3, "Timed steps of the scale section.",
-                                    lower_bound=1)
+_SCALE_STEPS = flags.DEFINE_integer("scale_steps", None, "Timed steps of the scale section "
+                                    "(default 3, quick 1).", lower_bound=1)
 
 
 def _check_sections(values):
@@ -228,8 +242,8 @@ class StepBench:
     from jrelu import transforms
     compressor = compressors.REGISTRY[method.compressor](**method.kwargs)
     tx = optax.chain(
-        transforms.compress(compressor, key=jax.random.key(2), axis_name=parallel.AXIS_NAME,
-                            aggregation=method.aggregation),
+        transforms.compress(compressor, key=jax.random.key(2, impl=method.key_impl),
+                            axis_name=parallel.AXIS_NAME, aggregation=method.aggregation),
         optax.sgd(method.learning_rate))
     sampling = "replacement" if path == "pmap_replacement" else "window"
     step = parallel.make_step(planted.loss,
@@ -287,6 +301,8 @@ def step_section(bench: StepBench, device_counts, paths, repeats: int,
       if methods and name not in methods:
         continue
       for path in paths:
+        if method.paths is not None and path not in method.paths:
+          continue
         if path == "pmap_replacement" and (n_dev, name) != (device_counts[-1],
                                                             TARGET_METHOD):
           continue  # the before-number: only at the target configuration
@@ -332,7 +348,26 @@ def sweep_section(dims, batches, base_dim, base_batch, n_dev, repeats, steps, de
     out[f"{axis}_exponent"] = _loglog_slope(xs, ys)
     half = len(xs) // 2
     out[f"{axis}_exponent_upper_half"] = _loglog_slope(xs[half:], ys[half:])
+    # Linear growth means t = t0 + k x: the fit's r^2 near 1 (a fixed cost t0, e.g. the
+    # compressor's work on d coordinates in the B sweep, lowers the log-log exponent).
+    out[f"{axis}_linear_fit"] = _linear_fit(xs, ys)
   return out
+
+
+def _linear_fit(xs, ys):
+  """Least-squares ``y = intercept + slope x``: ``{intercept, slope, r2}`` or None."""
+  if len(xs) < 2:
+    return None
+  mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+  var = sum((x - mx) ** 2 for x in xs)
+  if not var:
+    return None
+  slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var
+  intercept = my - slope * mx
+  total = sum((y - my) ** 2 for y in ys)
+  resid = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys))
+  return {"intercept_seconds": intercept, "slope_seconds": slope,
+          "r2": 1 - resid / total if total else 1.0}
 
 
 def _loglog_slope(xs, ys):
@@ -371,12 +406,15 @@ def kernel_section(dims, repeats, read_gbps, names=None) -> dict:
     for d in dims:
       # About 0.2 s per timed call: from the previous size's speed, else a guess.
       guess = per_coordinate * d if per_coordinate else d * 5e-9
-      iters = max(1, min(100, int(0.2 / max(guess, 1e-9))))
+      iters = max(1, min(100, int(_setting("kernel_call_seconds") / max(guess, 1e-9))))
 
       def loop(key, x, codec=codec, iters=iters):
         def body(acc, i):
           k = jax.random.fold_in(key, i)
-          return acc + jnp.sum(codec.decode(codec.encode(k, x))), None
+          # x + 0 * acc: the same values, but XLA cannot hoist the codec out of the loop
+          # (0 * acc is not 0 for an infinite acc), which it would for a key-free codec.
+          out = codec.decode(codec.encode(k, x + 0 * acc))
+          return acc + jnp.sum(out) * 1e-30, None
         return jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(iters))[0]
 
       try:
@@ -398,7 +436,7 @@ def kernel_section(dims, repeats, read_gbps, names=None) -> dict:
                    "fraction_of_read_bandwidth": (4 * d / seconds["median"] / 1e9 / read_gbps
                                                   if read_gbps else None)})
       logging.info("kernel %s d=%d: %.2f GB/s", name, d, rows[-1]["gbytes_per_second"])
-      next_call = max(0.2, 10 * seconds["median"])  # sizes grow about 10x
+      next_call = max(_setting("kernel_call_seconds"), 10 * seconds["median"])  # d grows ~10x
       if next_call * (repeats + 1) > 60:
         rows.append({"dim": None, "note": "larger d skipped: over a minute per size"})
         break
@@ -430,9 +468,10 @@ def torch_section(device_counts, dim, batch_size, num_samples, repeats, cores) -
            "num_levels": METHODS[TARGET_METHOD].kwargs.get("num_levels", 4),
            "loop_codecs": ["none", "qsgd"], "ddp_hooks": []}
     results = _run_peers(cfg)
-    ddp_cfg = dict(cfg, steps=_setting("ddp_steps"), loop_codecs=[],
-                   ddp_hooks=list(_setting("ddp_hooks")))
-    results.update(_run_peers(ddp_cfg))
+    if _setting("ddp_worker_counts") == "all" or n == device_counts[-1]:
+      ddp_cfg = dict(cfg, steps=_setting("ddp_steps"), loop_codecs=[],
+                     ddp_hooks=list(_setting("ddp_hooks")))
+      results.update(_run_peers(ddp_cfg))
     out["torch_version"] = results.pop("torch_version", None)
     peers = {}
     for group in ("loop", "ddp"):
@@ -572,7 +611,7 @@ def _scale_in_subprocess() -> dict:
   argv = [sys.executable, os.path.abspath(__file__), "--sections=scale",
           f"--outdir={_OUTDIR.value}", f"--num_devices={_NUM_DEVICES.value}",
           f"--scale_dim={_SCALE_DIM.value}", f"--scale_batch_size={_SCALE_BATCH_SIZE.value}",
-          f"--scale_steps={_SCALE_STEPS.value}"]
+          f"--scale_steps={_SCALE_STEPS.value or _setting('scale_steps')}"]
   del f
   env = dict(os.environ, PYTHONPATH=common.REPO_ROOT + os.pathsep
              + os.environ.get("PYTHONPATH", ""))
@@ -767,7 +806,14 @@ def summary_markdown(result) -> str:
     lines += ["", f"Fitted exponents (time ~ x^k): d {_fmt(sweep.get('dim_exponent'))} "
               f"(upper half {_fmt(sweep.get('dim_exponent_upper_half'))}), B "
               f"{_fmt(sweep.get('batch_exponent'))} (upper half "
-              f"{_fmt(sweep.get('batch_exponent_upper_half'))}).", ""]
+              f"{_fmt(sweep.get('batch_exponent_upper_half'))})."]
+    for axis, name in (("dim", "d"), ("batch", "B")):
+      fit = sweep.get(f"{axis}_linear_fit")
+      if fit:
+        lines.append(f"Linear fit t = t0 + k {name}: t0 = {1e3 * fit['intercept_seconds']:.3g} "
+                     f"ms, k = {1e6 * fit['slope_seconds']:.3g} us per unit of {name}, "
+                     f"r^2 = {fit['r2']:.3f}.")
+    lines.append("")
   kernels = m.get("kernels")
   if kernels:
     dims = sorted({r["dim"] for rows in kernels["compressors"].values() for r in rows
@@ -852,7 +898,7 @@ def main(argv):
   if sections == ["scale"]:  # the child of _scale_in_subprocess (or a direct call)
     result = {"benchmark": "step_throughput", **common.machine_info(), "sections": sections,
               "scale": scale_section(_SCALE_DIM.value, _SCALE_BATCH_SIZE.value,
-                                     _SCALE_STEPS.value, n_dev)}
+                                     _SCALE_STEPS.value or _setting("scale_steps"), n_dev)}
     common.print_json_line(result)
     return
 
@@ -904,7 +950,7 @@ def main(argv):
     t0 = time.perf_counter()
     bench = StepBench(dim, batch_size, num_samples, steps, devices)
     step_rows = step_section(bench, device_counts, _setting("step_paths"), repeats,
-                             _METHODS.value)
+                             _METHODS.value or _setting("methods"))
     for r in step_rows:
       if roof.get("seconds"):
         r["roofline_ratio"] = roof["seconds"] / r["step_seconds_median"]
