@@ -786,7 +786,9 @@ def summary_markdown(result) -> str:
     lines.append("")
   if m.get("targets"):
     t = m["targets"]
-    lines += ["## Targets (2-core CPU, d = 1000, B = 4096, 8 devices, QSGD s = 4)", "",
+    lines += [f"## Targets ({t['method']}, d = {cfg['dim']}, B = {cfg['batch_size']}, "
+              f"{t['num_devices']} devices; the brief's: 2-core CPU, d = 1000, B = 4096, 8 "
+              "devices, QSGD s = 4)", "",
               "| path | roofline ratio (>= 0.5) | x fastest PyTorch peer (>= 3) |",
               "|---|---|---|"]
     for path, v in t["by_path"].items():

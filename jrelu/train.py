@@ -295,6 +295,9 @@ def train(config: Config, devices) -> dict:
       still written, with ``"status": "diverged"``).
   """
   n_dev = len(devices)
+  if config.batch_size > config.num_samples:
+    raise UsageError(f"flag --batch_size={config.batch_size}: larger than "
+                     f"--num_samples={config.num_samples} (a batch holds no row twice)")
   if config.batch_size % n_dev:
     raise UsageError(f"flag --batch_size={config.batch_size}: not divisible by "
                      f"--num_devices={n_dev}")

@@ -64,6 +64,7 @@ def test_nan_stops_at_the_step_and_keeps_what_was_written(tmp_path):
 BAD_INPUTS = [
     (["--num_levels=0"], "--num_levels=0"),
     (["--batch_size=100", "--num_devices=8"], "--batch_size=100"),
+    (["--batch_size=64", "--num_samples=32"], "--batch_size=64"),
     (["--compressor=zip"], "--compressor=zip"),
     (["--aggregation=ring"], "--aggregation=ring"),
     (["--parallel=vmap"], "--parallel=vmap"),
