@@ -250,18 +250,52 @@ def pyplot():
   return plt
 
 
+def json_safe(obj):
+  """``obj`` as strict JSON values: numpy scalars and arrays become Python, NaN/inf None.
+
+  A diverged training run reports a NaN relative error; JSON has no NaN.
+  """
+  if type(obj).__module__ == "numpy":
+    obj = obj.tolist() if hasattr(obj, "tolist") else obj
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  if isinstance(obj, dict):
+    return {str(k): json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_safe(v) for v in obj]
+  return obj
+
+
+def make_outdir(path: str) -> str:
+  """Creates ``--outdir`` (and parents); a failure is one error line naming the flag."""
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    fail(f"flag --outdir={path}: cannot create it ({e.strerror or e})")
+  return path
+
+
+def setup_devices(num_devices):
+  """``jrelu.parallel.setup_devices`` with a bad ``--num_devices`` as one error line."""
+  from jrelu import parallel
+  try:
+    return parallel.setup_devices(num_devices)
+  except ValueError as e:
+    fail(f"flag --num_devices={num_devices}: {e}")
+
+
 def write_json(path: str, obj) -> None:
-  """Writes ``obj`` as indented JSON, atomically."""
+  """Writes ``obj`` as indented strict JSON (see :func:`json_safe`), atomically."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
+    json.dump(json_safe(obj), f, indent=2, sort_keys=True)
     f.write("\n")
   os.replace(tmp, path)
 
 
 def print_json_line(obj) -> None:
-  """Prints the binary's one JSON line on stdout."""
-  sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
+  """Prints the binary's one JSON line on stdout (strict JSON, see :func:`json_safe`)."""
+  sys.stdout.write(json.dumps(json_safe(obj), sort_keys=True) + "\n")
   sys.stdout.flush()
 
 

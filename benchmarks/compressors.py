@@ -234,9 +234,8 @@ def main(argv):
   if foreign:
     common.fail(f"flag --{foreign[0]} is not used by this benchmark (only --seed of "
                 "jrelu.train is)")
-  from jrelu import parallel
-  devices = parallel.setup_devices(8)
-  os.makedirs(_OUTDIR.value, exist_ok=True)
+  devices = common.setup_devices(8)
+  common.make_outdir(_OUTDIR.value)
   device_counts = (8,) if _QUICK.value else (2, 4, 8)
   start = time.perf_counter()
   wire_rows = wire_section(device_counts) if "wire" in _SECTIONS.value else []

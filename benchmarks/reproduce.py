@@ -51,7 +51,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jrelu import aggregation
-from jrelu import parallel
 from jrelu import planted
 from jrelu import train
 
@@ -791,24 +790,6 @@ def communication_section(base: train.Config, results: dict, devices, outdir: st
   }
 
 
-def json_safe(obj):
-  """``obj`` as strict JSON values: numpy scalars and arrays become Python, NaN/inf None.
-
-  A diverged training run reports a NaN relative error; JSON has no NaN.
-  """
-  if isinstance(obj, np.ndarray):
-    obj = obj.tolist()
-  if isinstance(obj, np.generic):
-    obj = obj.item()
-  if isinstance(obj, float) and not math.isfinite(obj):
-    return None
-  if isinstance(obj, dict):
-    return {str(k): json_safe(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [json_safe(v) for v in obj]
-  return obj
-
-
 # ---------------------------------------------------------------------------------------
 # Plots and summary.md.
 
@@ -1053,15 +1034,8 @@ def main(argv):
   sections = [s for s in SECTIONS if s in _SECTIONS.value]
   methods = list(_METHODS.value or _settings("methods"))
   learning_rates = [float(v) for v in (_LEARNING_RATES.value or _settings("learning_rates"))]
-  outdir = _OUTDIR.value
-  try:
-    os.makedirs(outdir, exist_ok=True)
-  except OSError as e:
-    common.fail(f"flag --outdir={outdir}: cannot create it ({e.strerror or e})")
-  try:
-    devices = parallel.setup_devices(flags.FLAGS.num_devices)  # None: 8 on CPU
-  except ValueError as e:
-    common.fail(f"flag --num_devices={flags.FLAGS.num_devices}: {e}")
+  outdir = common.make_outdir(_OUTDIR.value)
+  devices = common.setup_devices(flags.FLAGS.num_devices)  # None: 8 on CPU
   base = _base_config(_settings("num_steps"))
   if any(s in sections for s in TRAINING_SECTIONS) and base.batch_size % len(devices):
     common.fail(f"flag --batch_size={base.batch_size}: not divisible by "
@@ -1100,7 +1074,7 @@ def main(argv):
       results, curves = training_grid(base, methods, learning_rates, devices, outdir)
     except train.UsageError as e:
       common.fail(str(e))
-    common.write_json(os.path.join(outdir, "convergence_curves.json"), json_safe(curves))
+    common.write_json(os.path.join(outdir, "convergence_curves.json"), curves)
     result["training"] = training_section(base, results, devices, learning_rates)
     bits = bits_section(results)
     rows = training_rows(results, bits)
@@ -1134,7 +1108,6 @@ def main(argv):
   result["runtime_seconds"] = time.perf_counter() - started
   with open(result["summary_md"], "w") as f:
     f.write(summary_markdown(result, rows))
-  result = json_safe(result)
   common.write_json(result["results_json"], result)
   logging.info("done in %.0f s: %s", result["runtime_seconds"], result["summary_md"])
   common.print_json_line(result)

@@ -887,16 +887,8 @@ def main(argv):
     common.fail(f"flag --kernel_compressors={','.join(_KERNEL_COMPRESSORS.value)}: "
                 f"{unknown[0]!r} is not in jrelu.compressors.REGISTRY "
                 f"({', '.join(compressors.REGISTRY)})")
-  outdir = _OUTDIR.value
-  try:
-    os.makedirs(outdir, exist_ok=True)
-  except OSError as e:
-    common.fail(f"flag --outdir={outdir}: cannot create it ({e.strerror or e})")
-  from jrelu import parallel
-  try:
-    devices = parallel.setup_devices(n_dev)
-  except ValueError as e:
-    common.fail(f"flag --num_devices={n_dev}: {e}")
+  outdir = common.make_outdir(_OUTDIR.value)
+  devices = common.setup_devices(n_dev)
   if sections == ["scale"]:  # the child of _scale_in_subprocess (or a direct call)
     result = {"benchmark": "step_throughput", **common.machine_info(), "sections": sections,
               "scale": scale_section(_SCALE_DIM.value, _SCALE_BATCH_SIZE.value,

@@ -26,21 +26,10 @@ Exact population facts used by the tests (arc-cosine kernel of degree 1, unit ro
 
 from __future__ import annotations
 
-import operator
-
 import jax
 import jax.numpy as jnp
 
 from jrelu import planted
-
-
-def _check_positive(name, value):
-  try:
-    ok = not isinstance(value, bool) and operator.index(value) >= 1
-  except TypeError:
-    ok = False
-  if not ok:
-    raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def sample_teacher(key, dim: int, num_hidden: int) -> jax.Array:
@@ -63,8 +52,8 @@ def sample_teacher(key, dim: int, num_hidden: int) -> jax.Array:
   References:
     Zhang, Yu, Wang, Gu, arXiv 1806.07808 (the teacher network).
   """
-  _check_positive("dim", dim)
-  _check_positive("num_hidden", num_hidden)
+  planted.check_positive_int("dim", dim)
+  planted.check_positive_int("num_hidden", num_hidden)
   w = jax.random.normal(key, (num_hidden, dim), jnp.float32)
   return w / jnp.linalg.norm(w, axis=1, keepdims=True)
 
@@ -129,7 +118,7 @@ def sample_dataset(key, teacher: jax.Array, num_samples: int) -> planted.Dataset
   References:
     Zhang, Yu, Wang, Gu, arXiv 1806.07808 (noiseless case).
   """
-  _check_positive("num_samples", num_samples)
+  planted.check_positive_int("num_samples", num_samples)
   x = jax.random.normal(key, (num_samples, teacher.shape[1]), jnp.float32)
   return planted.Dataset(x, predict(teacher_params(teacher), x))
 
@@ -156,8 +145,8 @@ def init_params(key, dim: int, num_hidden: int, scale: float = 1.0) -> dict:
     Zhang, Yu, Wang, Gu, "Learning One-hidden-layer ReLU Networks via Gradient Descent",
     AISTATS 2019, arXiv 1806.07808.
   """
-  _check_positive("dim", dim)
-  _check_positive("num_hidden", num_hidden)
+  planted.check_positive_int("dim", dim)
+  planted.check_positive_int("num_hidden", num_hidden)
   if not scale >= 0:
     raise ValueError(f"scale must be >= 0, got {scale!r}")
   hidden = scale / jnp.sqrt(dim) * jax.random.normal(key, (num_hidden, dim), jnp.float32)
@@ -229,7 +218,7 @@ def make_batch_fn(batch_size: int):
     Kalan, Soltanolkotabi, Avestimehr, "Fitting ReLUs via SGD and Quantized SGD",
     arXiv 1901.06587 (mini-batch SGD with the batch split across workers).
   """
-  _check_positive("batch_size", batch_size)
+  planted.check_positive_int("batch_size", batch_size)
 
   def batch_fn(key, data, shard_index, num_shards):
     return planted.minibatch(key, data, batch_size, shard_index, num_shards)

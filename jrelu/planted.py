@@ -136,7 +136,7 @@ def sample_w_star(key, dim: int):
   Example:
     >>> w_star = sample_w_star(jax.random.key(0), 1000)
   """
-  _check_positive("dim", dim)
+  check_positive_int("dim", dim)
   w = jax.random.normal(key, (dim,), jnp.float32)
   return w / jnp.linalg.norm(w)
 
@@ -159,7 +159,7 @@ def sample_dataset(key, w_star, num_samples: int, noise_std: float = 0.0) -> Dat
   Example:
     >>> data = sample_dataset(jax.random.key(1), w_star, 4000)
   """
-  _check_positive("num_samples", num_samples)
+  check_positive_int("num_samples", num_samples)
   if noise_std < 0:
     raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
   x_key, noise_key = jax.random.split(key)
@@ -368,7 +368,7 @@ def split_segments(dataset: Dataset, num_segments: int) -> Segments:
   Example:
     >>> segments = split_segments(dataset, 8)   # x: [8, n // 8, d]
   """
-  _check_positive("num_segments", num_segments)
+  check_positive_int("num_segments", num_segments)
   n = dataset.x.shape[0]
   if num_segments > n:
     raise ValueError(f"num_segments={num_segments} exceeds the {n} samples")
@@ -395,9 +395,9 @@ def default_block_rows(rows: int, dim: int) -> int:
 def _window_batch(key, data, batch_size, shard_index, num_shards, num_segments,
                   block_rows):
   """``(x, y, window)``: this device's window into ``data`` (see :func:`make_batch_fn`)."""
-  _check_positive("batch_size", batch_size)
+  check_positive_int("batch_size", batch_size)
   segments = num_shards if num_segments is None else num_segments
-  _check_positive("num_segments", segments)
+  check_positive_int("num_segments", segments)
   if segments % num_shards or batch_size % segments:
     raise ValueError(
         f"batch_size={batch_size} must be divisible by num_segments={segments}, itself "
@@ -507,13 +507,13 @@ def make_batch_fn(batch_size: int, *, sampling: str = "window",
     Analysis with Vast Improvements", arXiv 2006.05988 (sampling without replacement
     from a stored order).
   """
-  _check_positive("batch_size", batch_size)
+  check_positive_int("batch_size", batch_size)
   if sampling not in SAMPLINGS:
     raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
   if num_segments is not None:
-    _check_positive("num_segments", num_segments)
+    check_positive_int("num_segments", num_segments)
   if block_rows is not None:
-    _check_positive("block_rows", block_rows)
+    check_positive_int("block_rows", block_rows)
 
   def batch_fn(key, data, shard_index, num_shards):
     dataset, _ = data
@@ -553,7 +553,7 @@ def make_online_batch_fn(batch_size: int):
   References:
     Kalan, Soltanolkotabi, Avestimehr, arXiv 1901.06587 (the planted Gaussian model).
   """
-  _check_positive("batch_size", batch_size)
+  check_positive_int("batch_size", batch_size)
 
   def batch_fn(key, data, shard_index, num_shards):
     if batch_size % num_shards:
@@ -575,7 +575,19 @@ def metrics_fn(params, data):
   return {"relative_error": relative_error(params, data[1])}
 
 
-def _check_positive(name, value):
+def check_positive_int(name: str, value) -> None:
+  """Raises ``ValueError`` quoting ``value`` unless it is an integer >= 1 (not a bool).
+
+  Args:
+    name: the argument's name, used in the message.
+    value: the value to check (Python or NumPy integer).
+
+  Raises:
+    ValueError: e.g. ``"dim must be an integer >= 1, got 0"``.
+
+  Example:
+    >>> check_positive_int("dim", 1000)   # returns None
+  """
   try:
     ok = not isinstance(value, bool) and operator.index(value) >= 1
   except TypeError:

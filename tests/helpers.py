@@ -1,5 +1,10 @@
 """Small planted-ReLU runs shared by the parallel, wire and convergence tests."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -70,3 +75,13 @@ def train_network(tx, params, data, num_steps, devices, wrapper="pmap", seed=0):
   inputs = (parallel.init_state(params, tx), data, jax.random.key(seed))
   state, _ = fn(*parallel.replicate(inputs, devices))
   return state
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_script(script, *flags, cwd, timeout=600):
+  """Runs ``python SCRIPT FLAGS`` in a subprocess with the repository importable."""
+  env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  return subprocess.run([sys.executable, str(script), *flags], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=timeout)

@@ -5,14 +5,13 @@ benchmark promises, plus the one-line errors for bad flags.
 """
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+import helpers
+
+REPO = helpers.REPO
 SCRIPT = REPO / "benchmarks" / "reproduce.py"
 TINY = ["--quick", "--phase_dims=6", "--phase_ratios=2,5", "--phase_trials=2",
         "--phase_iters=100", "--dim=20", "--num_samples=160", "--batch_size=32",
@@ -21,9 +20,7 @@ TINY = ["--quick", "--phase_dims=6", "--phase_ratios=2,5", "--phase_trials=2",
 
 
 def run(*flags, cwd):
-  env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  return subprocess.run([sys.executable, str(SCRIPT), *flags], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=600)
+  return helpers.run_script(SCRIPT, *flags, cwd=cwd)
 
 
 def test_tiny_run_prints_one_json_line_with_every_section(tmp_path):

@@ -5,14 +5,13 @@ reports what the benchmark promises, and that bad flags give one line and exit s
 """
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+import helpers
+
+REPO = helpers.REPO
 SCRIPT = REPO / "benchmarks" / "step_throughput.py"
 # float32 rows only (a QSGD step takes seconds to compile); the scale section runs QSGD.
 TINY = ["--quick", "--skip_torch", "--methods=none", "--sweep_method=none",
@@ -24,9 +23,7 @@ TINY = ["--quick", "--skip_torch", "--methods=none", "--sweep_method=none",
 
 
 def run(*flags, cwd):
-  env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  return subprocess.run([sys.executable, str(SCRIPT), *flags], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=600)
+  return helpers.run_script(SCRIPT, *flags, cwd=cwd)
 
 
 def test_tiny_run_prints_one_json_line_with_every_section(tmp_path):

@@ -38,13 +38,14 @@ from jrelu.compressors import bitpack
 SIGN_BITS = 1
 
 
-def _is_zero(x):
-  """Whether each entry is ``+0.0`` or ``-0.0`` (read from the bits, like is_negative)."""
+def _sign_and_magnitude_bits(x):
+  """``(sign bit set, magnitude bits nonzero)`` of each entry, read from its IEEE bits."""
   x = jnp.asarray(x)
   width = jnp.dtype(x.dtype).itemsize * 8
   uint = {16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint64}[width]
   bits = jax.lax.bitcast_convert_type(x, uint)
-  return (bits & ~uint(1 << (width - 1))) == 0
+  sign_bit = uint(1 << (width - 1))
+  return (bits & sign_bit) != 0, (bits & ~sign_bit) != 0
 
 
 def is_negative(x):
@@ -64,12 +65,8 @@ def is_negative(x):
     >>> is_negative(jnp.array([-1e-45, -0.0, 2.0], jnp.float32))
     Array([ True, False, False], dtype=bool)
   """
-  x = jnp.asarray(x)
-  width = jnp.dtype(x.dtype).itemsize * 8
-  uint = {16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint64}[width]
-  bits = jax.lax.bitcast_convert_type(x, uint)
-  sign_bit = uint(1 << (width - 1))
-  return ((bits & sign_bit) != 0) & ((bits & ~sign_bit) != 0)
+  negative, nonzero = _sign_and_magnitude_bits(x)
+  return negative & nonzero
 
 
 @base.code_class
@@ -151,7 +148,8 @@ class Sign(base.Compressor):
     x = jnp.asarray(x)
     flat = jnp.ravel(x)
     coin = jax.random.bernoulli(key, 0.5, flat.shape)
-    negative = jnp.where(_is_zero(flat), coin, is_negative(flat))
+    sign_bit, nonzero = _sign_and_magnitude_bits(flat)
+    negative = jnp.where(nonzero, sign_bit, coin)
     words = bitpack.pack(negative.astype(jnp.uint32), SIGN_BITS)
     scale = None
     if self.scaled:
