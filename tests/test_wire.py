@@ -43,6 +43,10 @@ CASES = [(codec, strategy) for codec in sorted(CODECS)
 
 
 CASES = [(c, s, n) for c, s in CASES for n in (2, 8) if n == 8 or c in AT_TWO_DEVICES]
+# Collectives per step: a code crosses the wire as one buffer per phase (every collective
+# is a rendezvous of all devices, which dominates a step on simulated CPU devices).
+PHASES = {"psum": 1, "all_gather": 1, "two_phase": 2, "majority_vote": 2,
+          "integer_psum": 2}
 
 
 @pytest.mark.parametrize("codec,strategy,num_devices", CASES)
@@ -52,6 +56,7 @@ def test_measured_bits_equal_formula(codec, strategy, num_devices):
   expected = aggregation.wire_bits(strategy, compressor, (1000,), num_devices)
   assert report.sent_bits == pytest.approx(expected, rel=1e-12), report.collectives
   assert all(c.group_size == num_devices for c in report.collectives)
+  assert len(report.collectives) == PHASES[strategy], report.collectives
 
 
 def test_measured_bits_same_under_shard_map():
