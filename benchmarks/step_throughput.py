@@ -20,6 +20,11 @@ Sections (``--sections``, default all):
   cache (slices cycle, so each streams from memory) with 1 and all cores;
   ``roofline_seconds`` is the faster median, and each step's ``roofline_ratio`` is
   ``roofline_seconds / step seconds`` (1: a step costs no more than reading its batch).
+  Each multi-device ``pmap`` row also counts its collectives per step (from the compiled
+  HLO), and a loop of scalar all-reduces times one rendezvous of the N devices: on
+  simulated CPU devices (one thread each, sharing the cores) the synchronisation, not
+  the bytes, is most of a collective's cost, and the JSON gives the step time without it
+  as an estimate.
 * ``torch``: PyTorch peers at the same global batch and worker count
   (``benchmarks/_torch_peers.py``): DistributedDataParallel over Gloo with N processes and
   PyTorch's communication hooks, and a one-process loop over N simulated workers with QSGD
@@ -112,6 +117,9 @@ KERNEL_KWARGS = {
 }
 TORCH_DDP_HOOKS = ("allreduce", "fp16", "quantization", "powersgd")
 TARGETS = {"roofline_ratio": 0.5, "times_fastest_torch_peer": 3.0}
+TIMING_NOTE = ("Absolute speeds of a shared or virtual machine drift between runs (by a "
+               "third on the 2-core VM this was written on); the ratios compare timings "
+               "taken in the same run, interleaved, and are the numbers to quote.")
 
 FULL = {"repeats": 7, "steps_per_chunk": 50, "sweep_dims": "250,500,1000,2000,4000",
         "kernel_call_seconds": 0.2, "ddp_worker_counts": "all", "scale_steps": 3,
@@ -120,7 +128,7 @@ FULL = {"repeats": 7, "steps_per_chunk": 50, "sweep_dims": "250,500,1000,2000,40
         "step_paths": PATHS, "methods": None}
 QUICK = {"repeats": 3, "steps_per_chunk": 20, "sweep_dims": "250,4000",
          "sweep_batches": "512,8192", "kernel_call_seconds": 0.05, "ddp_worker_counts": "N",
-         "scale_steps": 1, "kernel_dims": "1e3,1e4,1e5,1e6",
+         "scale_steps": 1, "kernel_dims": "1e3,1e4,1e5",
          "torch_steps": 10, "ddp_steps": 4, "ddp_hooks": ("allreduce",),
          "step_paths": ("vmap", "pmap"), "methods": ("none", "qsgd")}
 
@@ -152,7 +160,7 @@ _SWEEP_DIMS = flags.DEFINE_string("sweep_dims", None, "d values of the sweep at 
 _SWEEP_BATCHES = flags.DEFINE_string("sweep_batches", None, "B values of the sweep at d = "
                                      "--dim (default 512,...,8192).")
 _KERNEL_DIMS = flags.DEFINE_string("kernel_dims", None, "d values of the kernels section "
-                                   "(default 1e3,...,1e7; quick up to 1e6).")
+                                   "(default 1e3,...,1e7; quick up to 1e5).")
 _KERNEL_COMPRESSORS = flags.DEFINE_list(
     "kernel_compressors", None, "Registry names of the kernels section (default: all).")
 _SCALE_DIM = flags.DEFINE_integer("scale_dim", 1_000_000, "d of the scale section.",
@@ -292,9 +300,36 @@ def time_interleaved(configs, repeats: int, steps: int) -> dict:
   return rates
 
 
+def rendezvous_section(devices, repeats: int, steps: int = 200) -> dict:
+  """Seconds of one all-reduce of a float32 scalar over ``devices`` inside a compiled loop.
+
+  Every collective is a rendezvous of all devices; on simulated CPU devices (one thread
+  each, sharing the cores) that synchronisation, not the bytes, is most of its cost. A
+  loop of ``steps`` dependent scalar ``psum`` calls, one warm-up, ``repeats`` timed calls.
+  """
+  import jax
+  import jax.numpy as jnp
+  from jrelu import parallel
+
+  def loop(x):
+    body = lambda c, _: (jax.lax.psum(c * 0.5, parallel.AXIS_NAME), None)
+    return jax.lax.scan(body, x, None, length=steps)[0]
+
+  run = parallel.pmapped(loop, devices)
+  x = parallel.replicate(jnp.ones((), jnp.float32), devices)
+  jax.block_until_ready(run(x))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(run(x))
+    times.append((time.perf_counter() - start) / steps)
+  return {"num_devices": len(devices), "operand": "float32 scalar", "seconds": common.stats(times)}
+
+
 def step_section(bench: StepBench, device_counts, paths, repeats: int,
                  methods=None) -> list[dict]:
   """Steps per second of every METHODS row (or those named) x device count x path."""
+  from jrelu import wire
   configs, rows = {}, []
   for n_dev in device_counts:
     for name, method in METHODS.items():
@@ -312,6 +347,8 @@ def step_section(bench: StepBench, device_counts, paths, repeats: int,
         configs[label] = (run, state, data, key)
         rows.append({"method": name, "num_devices": n_dev, "path": path,
                      "compile_seconds": seconds, "label": label})
+        if path != "vmap" and n_dev > 1:  # a loop body's collectives appear once: per step
+          rows[-1]["collectives_per_step"] = len(wire.parse(run.as_text()).collectives)
   logging.info("timing %d configurations x %d repeats", len(configs), repeats)
   rates = time_interleaved(configs, repeats, bench.steps)
   for row in rows:
@@ -733,10 +770,10 @@ def summary_markdown(result) -> str:
   lines = [
       "# Step throughput",
       "",
-      f"Preliminary: measured on a shared machine ({m['cpu_model']}, {m['cpu_cores']} "
-      f"cores, LLC {m['llc_bytes'] >> 20} MiB, JAX {m['jax_version']} {m['backend']}); "
-      "re-run on a quiet machine before quoting. Steps/s: median [min-max] of "
-      f"{m['config']['repeats']} timed chunks of {m['config']['steps_per_chunk']} steps.",
+      f"Machine: {m['cpu_model']}, {m['cpu_cores']} cores, LLC {m['llc_bytes'] >> 20} MiB, "
+      f"JAX {m['jax_version']} {m['backend']}. {m['timing_note']} Steps/s: median "
+      f"[min-max] of {m['config']['repeats']} timed chunks of "
+      f"{m['config']['steps_per_chunk']} steps.",
       "",
   ]
   cfg = m["config"]
@@ -744,13 +781,29 @@ def summary_markdown(result) -> str:
   if m.get("step"):
     lines += [f"## jrelu training step (d = {cfg['dim']}, global batch {cfg['batch_size']}, "
               f"n = {cfg['num_samples']})", "",
-              "| method | devices | path | steps/s | ms/step | roofline ratio |",
-              "|---|---|---|---|---|---|"]
+              "| method | devices | path | steps/s | ms/step | roofline ratio | collectives "
+              "per step |", "|---|---|---|---|---|---|---|"]
     for r in m["step"]:
       lines.append(f"| {r['method']} | {r['num_devices']} | {r['path']} | "
                    f"{_rate(r['steps_per_second'])} | {1e3 * r['step_seconds_median']:.2f} | "
-                   f"{_fmt(r.get('roofline_ratio'))} |")
+                   f"{_fmt(r.get('roofline_ratio'))} | "
+                   f"{r.get('collectives_per_step', '')} |")
     lines.append("")
+    rdv = m.get("rendezvous")
+    if rdv:
+      per = rdv["seconds"]["median"]
+      lines += [f"Rendezvous: one all-reduce of a float32 scalar over {rdv['num_devices']} "
+                f"simulated devices takes {1e3 * per:.3f} ms [{1e3 * rdv['seconds']['min']:.3f}"
+                f"-{1e3 * rdv['seconds']['max']:.3f}] in a compiled loop."]
+      for r in m["step"]:
+        rest = r.get("step_seconds_without_rendezvous_estimate")
+        if rest is not None and r["method"] == m.get("targets", {}).get("method"):
+          lines.append(f"{r['method']} ({r['path']}): {r['collectives_per_step']} collectives "
+                       f"x {1e3 * per:.3f} ms = {1e3 * (r['step_seconds_median'] - rest):.2f} "
+                       f"ms of its {1e3 * r['step_seconds_median']:.2f} ms; without them "
+                       f"(estimate) {1e3 * rest:.2f} ms, roofline ratio "
+                       f"{_fmt(r.get('roofline_ratio_without_rendezvous_estimate'))}.")
+      lines.append("")
   if roof.get("seconds"):
     lines += [f"Roofline: a NumPy matvec over a fresh {cfg['batch_size']} x {cfg['dim']} "
               f"float32 slice of a {roof['array_bytes'] >> 20} MiB array takes "
@@ -907,7 +960,7 @@ def main(argv):
   device_counts = sorted({1, n_dev})
   result = {
       "benchmark": "step_throughput", **info, "quick": _QUICK.value, "sections": sections,
-      "preliminary_note": "timings from a shared machine are indicative only",
+      "timing_note": TIMING_NOTE,
       "config": {"dim": dim, "batch_size": batch_size, "num_samples": num_samples,
                  "num_devices": n_dev, "device_counts": device_counts, "repeats": repeats,
                  "steps_per_chunk": steps},
@@ -950,6 +1003,19 @@ def main(argv):
         r["roofline_ratio"] = roof["seconds"] / r["step_seconds_median"]
       logging.info("jrelu %s, %d device(s), %s: %.0f steps/s", r["method"],
                    r["num_devices"], r["path"], r["steps_per_second"]["median"])
+    if n_dev > 1:
+      result["rendezvous"] = rendezvous_section(devices[:n_dev], repeats)
+      per = result["rendezvous"]["seconds"]["median"]
+      logging.info("rendezvous: %.3f ms per scalar all-reduce over %d devices", 1e3 * per,
+                   n_dev)
+      for r in step_rows:
+        if r.get("collectives_per_step") is not None:
+          # An estimate: the step's time outside its rendezvous, had each collective cost
+          # what a scalar all-reduce costs.
+          rest = r["step_seconds_median"] - r["collectives_per_step"] * per
+          r["step_seconds_without_rendezvous_estimate"] = rest
+          if roof.get("seconds") and rest > 0:
+            r["roofline_ratio_without_rendezvous_estimate"] = roof["seconds"] / rest
     before = [r for r in step_rows if r["path"] == "pmap_replacement"]
     if before:
       result["before_after"] = {

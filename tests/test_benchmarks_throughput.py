@@ -46,6 +46,11 @@ def test_tiny_run_prints_one_json_line_with_every_section(tmp_path):
       ("none", n, p) for n in (1, 2) for p in ("vmap", "pmap")}
   for r in step:
     assert r["steps_per_second"]["median"] > 0 and r["roofline_ratio"] > 0
+    # One all-reduce per step for float32 SGD under pmap; vmap runs no collective.
+    assert r.get("collectives_per_step") == (
+        1 if (r["path"], r["num_devices"]) == ("pmap", 2) else None), r
+  assert out["rendezvous"]["num_devices"] == 2
+  assert out["rendezvous"]["seconds"]["median"] > 0
   assert out["targets"]["method"] == "qsgd" and out["targets"]["num_devices"] == 2
 
   sweep = out["sweep"]
