@@ -14,6 +14,7 @@ import logging as std_logging
 import math
 import os
 import re
+import select
 import subprocess
 import sys
 import time
@@ -183,60 +184,115 @@ def stats(samples) -> dict:
           "q75": quantile(0.75), "n": len(xs)}
 
 
-def read_roofline(rows: int, dim: int, threads: int, repeats: int, array_bytes: int,
-                  matvecs: int = 20, timeout: float = 300.0) -> dict:
-  """Times a NumPy float32 matvec over fresh ``[rows, dim]`` slices streamed from memory.
+_PROBE_CODE = """
+import json, sys, time
+import numpy as np
+rows, dim, total, matvecs = (int(a) for a in sys.argv[1:5])
+slices = max(2, -(-total // (rows * dim * 4)))
+x = np.random.default_rng(0).standard_normal((slices * rows, dim), np.float32)
+w = np.ones(dim, np.float32)
+i = 0
+print(json.dumps({"slices": slices, "array_bytes": x.nbytes}), flush=True)
+for line in sys.stdin:
+  start = time.perf_counter()
+  for _ in range(matvecs):
+    s = i % slices
+    i += 1
+    x[s * rows:(s + 1) * rows] @ w
+  print((time.perf_counter() - start) / matvecs, flush=True)
+"""
 
-  Runs in a subprocess with ``OPENBLAS_NUM_THREADS=threads`` (the BLAS thread count is
-  fixed when NumPy loads). The array holds ``max(array_bytes, 2 rows dim 4)`` bytes,
-  ``array_bytes`` being chosen larger than the last-level cache; successive matvecs
-  read successive slices, cycling, so that each streams its slice from main memory.
+
+class RooflineProbe:
+  """A NumPy float32 matvec over fresh ``[rows, dim]`` slices streamed from memory, on call.
+
+  A subprocess with ``OPENBLAS_NUM_THREADS=threads`` (the BLAS thread count is fixed when
+  NumPy loads) holds an array of ``max(array_bytes, 2 rows dim 4)`` bytes, ``array_bytes``
+  chosen larger than the last-level cache; successive matvecs read successive slices,
+  cycling, so each streams its slice from main memory. Each :meth:`measure` runs
+  ``matvecs`` of them, so a benchmark can time the roofline in the same rounds as what it
+  compares with it (machine speed drifts between minutes).
 
   Args:
     rows: slice rows (the global batch B).
     dim: columns (d).
     threads: BLAS threads.
-    repeats: timed repeats; each is the mean over ``matvecs`` matvecs.
     array_bytes: minimum size of the whole array in bytes.
-    matvecs: matvecs per repeat.
-    timeout: seconds before the subprocess is abandoned.
+    matvecs: matvecs per measurement.
+    timeout: seconds to wait for the subprocess to start or answer.
+
+  Raises:
+    RuntimeError: when the subprocess fails to start or to answer.
+
+  Example:
+    >>> with RooflineProbe(4096, 1000, 2, 1 << 27) as probe:
+    ...   seconds_per_matvec = probe.measure()
+  """
+
+  def __init__(self, rows: int, dim: int, threads: int, array_bytes: int,
+               matvecs: int = 20, timeout: float = 300.0):
+    self.rows, self.dim, self.threads, self.timeout = rows, dim, threads, timeout
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    self._proc = subprocess.Popen(
+        [sys.executable, "-c", _PROBE_CODE, str(rows), str(dim), str(array_bytes),
+         str(matvecs)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=env)
+    header = json.loads(self._read_line())
+    self.slices, self.array_bytes = header["slices"], header["array_bytes"]
+
+  def _read_line(self) -> str:
+    ready, _, _ = select.select([self._proc.stdout], [], [], self.timeout)
+    line = self._proc.stdout.readline() if ready else ""
+    if not line:
+      self.close()
+      raise RuntimeError(f"roofline probe ({self.threads} thread(s)) did not answer: "
+                         f"{(self._proc.stderr.read() or 'timeout')[-300:]}")
+    return line
+
+  def measure(self) -> float:
+    """Seconds per matvec, averaged over one batch of ``matvecs``."""
+    self._proc.stdin.write("t\n")
+    self._proc.stdin.flush()
+    return float(self._read_line())
+
+  def close(self):
+    """Stops the subprocess (idempotent)."""
+    if self._proc.poll() is None:
+      self._proc.kill()
+      self._proc.wait()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def summary(self, seconds: list[float]) -> dict:
+    """``{"threads", "array_bytes", "slices", "seconds", "gbytes_per_second"}`` (stats)."""
+    return {"threads": self.threads, "array_bytes": self.array_bytes, "slices": self.slices,
+            "seconds": stats(seconds),
+            "gbytes_per_second": stats([self.rows * self.dim * 4 / t / 1e9 for t in seconds])}
+
+
+def read_roofline(rows: int, dim: int, threads: int, repeats: int, array_bytes: int,
+                  matvecs: int = 20, timeout: float = 300.0) -> dict:
+  """Times :class:`RooflineProbe` ``repeats`` times after one warm-up measurement.
+
+  Args:
+    rows, dim, threads, array_bytes, matvecs, timeout: as for :class:`RooflineProbe`.
+    repeats: timed measurements.
 
   Returns:
-    ``{"threads", "array_bytes", "slices", "seconds": stats(...), "gbytes_per_second":
-    stats(...)}`` (seconds per matvec), or ``{"threads", "error"}``.
+    :meth:`RooflineProbe.summary` of the timed measurements (seconds per matvec), or
+    ``{"threads", "error"}`` when the probe fails.
   """
-  code = (
-      "import json, sys, time\n"
-      "import numpy as np\n"
-      "rows, dim, repeats, total, matvecs = (int(a) for a in sys.argv[1:6])\n"
-      "slices = max(2, -(-total // (rows * dim * 4)))\n"
-      "x = np.random.default_rng(0).standard_normal((slices * rows, dim), np.float32)\n"
-      "w = np.ones(dim, np.float32)\n"
-      "out, i = [], 0\n"
-      "for r in range(repeats + 1):\n"
-      "  start = time.perf_counter()\n"
-      "  for _ in range(matvecs):\n"
-      "    s = i % slices; i += 1\n"
-      "    x[s * rows:(s + 1) * rows] @ w\n"
-      "  out.append((time.perf_counter() - start) / matvecs)\n"
-      "print(json.dumps({'slices': slices, 'array_bytes': x.nbytes, 'seconds': out[1:]}))\n")
-  env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
-             MKL_NUM_THREADS=str(threads))
   try:
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(rows), str(dim), str(repeats), str(array_bytes),
-         str(matvecs)], capture_output=True, text=True, env=env, timeout=timeout)
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-  except (subprocess.SubprocessError, ValueError, IndexError, OSError) as e:
+    with RooflineProbe(rows, dim, threads, array_bytes, matvecs, timeout) as probe:
+      probe.measure()
+      return probe.summary([probe.measure() for _ in range(repeats)])
+  except (RuntimeError, OSError, ValueError) as e:
     return {"threads": threads, "error": f"{type(e).__name__}: {e}"}
-  seconds = result["seconds"]
-  return {
-      "threads": threads,
-      "array_bytes": result["array_bytes"],
-      "slices": result["slices"],
-      "seconds": stats(seconds),
-      "gbytes_per_second": stats([rows * dim * 4 / s / 1e9 for s in seconds]),
-  }
 
 
 def pyplot():

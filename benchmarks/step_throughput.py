@@ -16,7 +16,8 @@ Sections (``--sections``, default all):
     replacement and gathered (``jrelu.planted.make_batch_fn(sampling="replacement")``).
 
 * ``roofline``: a step must read its ``B x d`` float32 batch from memory at least once.
-  A NumPy matvec over a fresh ``B x d`` slice of an array of at least 4 x the last-level
+  With ``step``, timed once per round of the step timings (machine speed drifts), else on
+  its own. A NumPy matvec over a fresh ``B x d`` slice of an array of at least 4 x the last-level
   cache (slices cycle, so each streams from memory) with 1 and all cores;
   ``roofline_seconds`` is the faster median, and each step's ``roofline_ratio`` is
   ``roofline_seconds / step seconds`` (1: a step costs no more than reading its batch).
@@ -275,29 +276,36 @@ class StepBench:
     return run, state, data, key, time.perf_counter() - start
 
 
-def time_interleaved(configs, repeats: int, steps: int) -> dict:
+def time_interleaved(configs, repeats: int, steps: int, probes=()) -> tuple[dict, dict]:
   """Times compiled chunks: one warm-up call each, then ``repeats`` rounds over all.
 
   Args:
     configs: ``{name: (run, state, data, key)}``.
     repeats: timed calls per configuration.
     steps: steps per call.
+    probes: :class:`benchmarks.common.RooflineProbe` objects measured once per round too,
+      so that the roofline and the steps it is compared with see the same machine speed.
 
   Returns:
-    ``{name: [steps per second of each timed call]}``.
+    ``({name: [steps per second of each timed call]}, {probe: [seconds per matvec]})``.
   """
   import jax
   states = {}
   for name, (run, state, data, key) in configs.items():
     states[name] = jax.block_until_ready(run(state, data, key))[0]
+  for probe in probes:
+    probe.measure()
   rates = {name: [] for name in configs}
+  reads = {probe: [] for probe in probes}
   for _ in range(repeats):
     for name, (run, _, data, key) in configs.items():
       start = time.perf_counter()
       out = jax.block_until_ready(run(states[name], data, key))
       rates[name].append(steps / (time.perf_counter() - start))
       states[name] = out[0]
-  return rates
+    for probe in probes:
+      reads[probe].append(probe.measure())
+  return rates, reads
 
 
 def rendezvous_section(devices, repeats: int, steps: int = 200) -> dict:
@@ -326,9 +334,14 @@ def rendezvous_section(devices, repeats: int, steps: int = 200) -> dict:
   return {"num_devices": len(devices), "operand": "float32 scalar", "seconds": common.stats(times)}
 
 
-def step_section(bench: StepBench, device_counts, paths, repeats: int,
-                 methods=None) -> list[dict]:
-  """Steps per second of every METHODS row (or those named) x device count x path."""
+def step_section(bench: StepBench, device_counts, paths, repeats: int, methods=None,
+                 probes=()) -> tuple[list[dict], list[dict]]:
+  """Steps per second of every METHODS row (or those named) x device count x path.
+
+  Returns:
+    ``(rows, roofline)``: one row per timed configuration, and one
+    :meth:`~benchmarks.common.RooflineProbe.summary` per probe, timed in the same rounds.
+  """
   from jrelu import wire
   configs, rows = {}, []
   for n_dev in device_counts:
@@ -350,11 +363,11 @@ def step_section(bench: StepBench, device_counts, paths, repeats: int,
         if path != "vmap" and n_dev > 1:  # a loop body's collectives appear once: per step
           rows[-1]["collectives_per_step"] = len(wire.parse(run.as_text()).collectives)
   logging.info("timing %d configurations x %d repeats", len(configs), repeats)
-  rates = time_interleaved(configs, repeats, bench.steps)
+  rates, reads = time_interleaved(configs, repeats, bench.steps, probes)
   for row in rows:
     row["steps_per_second"] = common.stats(rates[row.pop("label")])
     row["step_seconds_median"] = 1.0 / row["steps_per_second"]["median"]
-  return rows
+  return rows, [probe.summary(reads[probe]) for probe in probes]
 
 
 def sweep_section(dims, batches, base_dim, base_batch, n_dev, repeats, steps, devices,
@@ -370,7 +383,7 @@ def sweep_section(dims, batches, base_dim, base_batch, n_dev, repeats, steps, de
     n = max(num_samples, b) if num_samples else default_num_samples(d, b, llc)
     bench = StepBench(d, b, n, steps, devices)
     run, state, data, key, _ = bench.build(METHODS[method], n_dev, "vmap")
-    rates = time_interleaved({"x": (run, state, data, key)}, repeats, steps)["x"]
+    rates = time_interleaved({"x": (run, state, data, key)}, repeats, steps)[0]["x"]
     seconds = 1.0 / common.stats(rates)["median"]
     point = {"dim": d, "batch_size": b, "steps_per_second": common.stats(rates),
              "step_seconds_median": seconds}
@@ -812,7 +825,9 @@ def summary_markdown(result) -> str:
               + ", ".join(f"{t['threads']} thread(s): "
                           f"{1e3 * t['seconds']['median']:.2f} ms"
                           for t in roof["by_threads"] if "seconds" in t)
-              + "). roofline ratio = that time / step time.", ""]
+              + "). roofline ratio = that time / step time"
+              + (", the matvecs timed in the same rounds as the steps." if roof.get(
+                  "interleaved_with_steps") else "."), ""]
   torch_out = m.get("torch") or {}
   if torch_out.get("peers"):
     lines += ["## PyTorch peers (torch " + str(torch_out.get("torch_version")) + ")", "",
@@ -974,12 +989,41 @@ def main(argv):
         "dim", "steps_per_second", "peak_rss_bytes", "error") if k in result["scale"]})
 
   t0 = time.perf_counter()
-  roof = {}
-  if "roofline" in sections or "kernels" in sections or "sweep" in sections:
+  thread_counts = sorted({1, info["cpu_cores"]})
+  interleave = "step" in sections and "roofline" in sections
+  by_threads = []
+  if not interleave and ("roofline" in sections or "kernels" in sections
+                         or "sweep" in sections):
     by_threads = [common.read_roofline(batch_size, dim, t, repeats, 4 * llc)
-                  for t in sorted({1, info["cpu_cores"]})]
+                  for t in thread_counts]
+  result["section_seconds"]["roofline"] = time.perf_counter() - t0
+
+  step_rows = []
+  if "step" in sections:
+    t0 = time.perf_counter()
+    bench = StepBench(dim, batch_size, num_samples, steps, devices)
+    probes = []
+    try:
+      if interleave:  # the roofline, timed in the same rounds as the steps
+        try:
+          probes = [common.RooflineProbe(batch_size, dim, t, 4 * llc) for t in thread_counts]
+        except (RuntimeError, OSError, ValueError) as e:
+          by_threads = [{"threads": t, "error": f"{type(e).__name__}: {e}"}
+                        for t in thread_counts]
+      step_rows, probed = step_section(bench, device_counts, _setting("step_paths"),
+                                       repeats, _METHODS.value or _setting("methods"),
+                                       probes)
+      by_threads = by_threads or probed
+    finally:
+      for probe in probes:
+        probe.close()
+    del bench
+    result["section_seconds"]["step"] = time.perf_counter() - t0
+
+  roof = {}
+  if by_threads:
     timed = [t for t in by_threads if "seconds" in t]
-    roof = {"by_threads": by_threads}
+    roof = {"by_threads": by_threads, "interleaved_with_steps": interleave}
     if timed:
       best = min(timed, key=lambda t: t["seconds"]["median"])
       roof.update(threads=best["threads"], seconds=best["seconds"]["median"],
@@ -989,15 +1033,9 @@ def main(argv):
                    1e3 * roof["seconds"], batch_size, dim, roof["gbytes_per_second"],
                    roof["threads"])
     result["roofline"] = roof
-    result["section_seconds"]["roofline"] = time.perf_counter() - t0
   read_gbps = roof.get("gbytes_per_second")
 
-  step_rows = []
-  if "step" in sections:
-    t0 = time.perf_counter()
-    bench = StepBench(dim, batch_size, num_samples, steps, devices)
-    step_rows = step_section(bench, device_counts, _setting("step_paths"), repeats,
-                             _METHODS.value or _setting("methods"))
+  if step_rows:
     for r in step_rows:
       if roof.get("seconds"):
         r["roofline_ratio"] = roof["seconds"] / r["step_seconds_median"]
@@ -1026,8 +1064,6 @@ def main(argv):
                                                           before[0]["num_devices"])
                     and r["path"] != "pmap_replacement"}}
     result["step"] = step_rows
-    del bench
-    result["section_seconds"]["step"] = time.perf_counter() - t0
 
   torch_out = None
   if "torch" in sections:
