@@ -118,6 +118,7 @@ KERNEL_KWARGS = {
 }
 TORCH_DDP_HOOKS = ("allreduce", "fp16", "quantization", "powersgd")
 TARGETS = {"roofline_ratio": 0.5, "times_fastest_torch_peer": 3.0}
+_SETTLE_SECONDS = 0.05
 TIMING_NOTE = ("Absolute speeds of a shared or virtual machine drift between runs (by a "
                "third on the 2-core VM this was written on); the ratios compare timings "
                "taken in the same run, interleaved, and are the numbers to quote.")
@@ -285,6 +286,8 @@ def time_interleaved(configs, repeats: int, steps: int, probes=()) -> tuple[dict
     steps: steps per call.
     probes: :class:`benchmarks.common.RooflineProbe` objects measured once per round too,
       so that the roofline and the steps it is compared with see the same machine speed.
+      Each probe and the next round start ``_SETTLE_SECONDS`` after the previous work,
+      once the thread pools of XLA and OpenBLAS stop spinning for more work.
 
   Returns:
     ``({name: [steps per second of each timed call]}, {probe: [seconds per matvec]})``.
@@ -304,7 +307,10 @@ def time_interleaved(configs, repeats: int, steps: int, probes=()) -> tuple[dict
       rates[name].append(steps / (time.perf_counter() - start))
       states[name] = out[0]
     for probe in probes:
+      time.sleep(_SETTLE_SECONDS)
       reads[probe].append(probe.measure())
+    if probes:
+      time.sleep(_SETTLE_SECONDS)
   return rates, reads
 
 
