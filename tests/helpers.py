@@ -1,5 +1,6 @@
 """Small planted-ReLU runs shared by the parallel, wire and convergence tests."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -85,3 +86,12 @@ def run_script(script, *flags, cwd, timeout=600):
   env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
   return subprocess.run([sys.executable, str(script), *flags], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=timeout)
+
+
+def run_benchmark(script, *flags, cwd, timeout=600):
+  """Runs a benchmark binary; asserts it succeeded and printed one JSON line; returns it."""
+  result = run_script(script, *flags, cwd=cwd, timeout=timeout)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  assert len(lines) == 1, result.stdout
+  return json.loads(lines[0])
