@@ -96,12 +96,7 @@ def unpack(words, bits: int, num_values: int):
     >>> unpack(jnp.array([57], jnp.uint32), 2, 3)
     Array([1, 2, 3], dtype=uint32)
   """
-  num_words = packed_words(num_values, bits)
-  words = jnp.asarray(words, jnp.uint32)
-  if words.shape != (num_words,):
-    raise ValueError(
-        f"unpack of {num_values} fields of {bits} bits expects {num_words} words, "
-        f"got shape {words.shape}")
+  words = _words(words, packed_words(num_values, bits), "unpack", num_values, bits)
   if WORD_BITS % bits:
     stream = unpack(words, 1, num_values * bits).reshape(num_values, bits)
     return jnp.sum(stream << jnp.arange(bits, dtype=jnp.uint32), axis=1, dtype=jnp.uint32)
@@ -142,7 +137,7 @@ def pack_aligned(values, bits: int):
     ValueError: if ``bits`` is outside [1, 32] or ``values`` is not one-dimensional.
 
   Example:
-    >>> pack_aligned(jnp.array([1, 2, 3]), 5)   # 3 + 2 << 5 + 1 << 10... low field first
+    >>> pack_aligned(jnp.array([1, 2, 3]), 5)   # 1 + (2 << 5) + (3 << 10): low field first
     Array([3137], dtype=uint32)
   """
   _check_bits(bits)
@@ -158,19 +153,36 @@ def pack_aligned(values, bits: int):
 
 
 def unpack_aligned(words, bits: int, num_values: int):
-  """Inverse of :func:`pack_aligned`: uint32 ``[num_values]``.
+  """Inverse of :func:`pack_aligned`: reads ``num_values`` fields of ``bits`` bits.
+
+  Args:
+    words: uint32 array of shape ``[aligned_words(num_values, bits)]``.
+    bits: field width, 1 to 32.
+    num_values: how many fields to read.
+
+  Returns:
+    uint32 array of shape ``[num_values]``.
 
   Raises:
     ValueError: if ``bits`` is outside [1, 32] or ``words`` has the wrong length.
+
+  Example:
+    >>> unpack_aligned(jnp.array([3137], jnp.uint32), 5, 3)
+    Array([1, 2, 3], dtype=uint32)
   """
-  num_words = aligned_words(num_values, bits)
+  words = _words(words, aligned_words(num_values, bits), "unpack_aligned", num_values, bits)
+  shifts = jnp.arange(WORD_BITS // bits, dtype=jnp.uint32) * bits
+  return ((words[:, None] >> shifts) & _mask(bits)).reshape(-1)[:num_values]
+
+
+def _words(words, num_words: int, name: str, num_values: int, bits: int):
+  """``words`` as uint32 ``[num_words]``; ValueError naming ``name`` if the length is wrong."""
   words = jnp.asarray(words, jnp.uint32)
   if words.shape != (num_words,):
     raise ValueError(
-        f"unpack_aligned of {num_values} fields of {bits} bits expects {num_words} words, "
+        f"{name} of {num_values} fields of {bits} bits expects {num_words} words, "
         f"got shape {words.shape}")
-  shifts = jnp.arange(WORD_BITS // bits, dtype=jnp.uint32) * bits
-  return ((words[:, None] >> shifts) & _mask(bits)).reshape(-1)[:num_values]
+  return words
 
 
 def _mask(bits: int):
