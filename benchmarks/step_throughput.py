@@ -320,6 +320,14 @@ def rendezvous_section(devices, repeats: int, steps: int = 200) -> dict:
   Every collective is a rendezvous of all devices; on simulated CPU devices (one thread
   each, sharing the cores) that synchronisation, not the bytes, is most of its cost. A
   loop of ``steps`` dependent scalar ``psum`` calls, one warm-up, ``repeats`` timed calls.
+
+  Args:
+    devices: the N devices.
+    repeats: timed calls.
+    steps: all-reduces per call.
+
+  Returns:
+    ``{"num_devices", "operand", "seconds": stats(seconds per all-reduce)}``.
   """
   import jax
   import jax.numpy as jnp

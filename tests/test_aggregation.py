@@ -151,3 +151,27 @@ def test_unknown_strategy_is_rejected():
     aggregation.check_strategy("ring")
   with pytest.raises(ValueError, match="num_devices must be >= 1, got 0"):
     aggregation.wire_bits("psum", None, (3,), 0)
+
+
+def test_fused_collective_equals_one_collective_per_leaf():
+  """A code sent as one uint32 buffer arrives exactly as leaf-by-leaf collectives send it,
+  for 32-bit leaves (fused, scalars included) and other widths (sent on their own)."""
+  n = 4
+  key = jax.random.key(0)
+  code = {"words": jax.random.bits(key, (n, 5), jnp.uint32),
+          "scale": jax.random.normal(key, (n,), jnp.float32),
+          "index": jnp.arange(n * 3, dtype=jnp.int32).reshape(n, 3),
+          "small": jnp.arange(n * 2, dtype=jnp.uint8).reshape(n, 2)}
+  gather = lambda w: jax.lax.all_gather(w, "i")
+  swap = lambda w: jax.lax.all_to_all(w, "i", 0, 0)
+  by_leaf, fused = jax.vmap(
+      lambda c: (jax.tree_util.tree_map(gather, c), aggregation._fused(gather, c)),
+      axis_name="i")(code)
+  rows = {k: jnp.broadcast_to(v[:, None], (n, n) + v.shape[1:]) for k, v in code.items()}
+  by_leaf_swap, fused_swap = jax.vmap(
+      lambda c: (jax.tree_util.tree_map(swap, c), aggregation._fused(swap, c, batched=True)),
+      axis_name="i")(rows)
+  for got, want in ((fused, by_leaf), (fused_swap, by_leaf_swap)):
+    for k in code:
+      assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
+      np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
