@@ -219,8 +219,8 @@ def signum(beta: float = 0.9, *, key, axis_name: str | None = None,
 
   Args:
     beta: momentum in ``[0, 1)``; 0 is signSGD.
-    key: a PRNG key (the sign codec is deterministic; the key keeps the signature
-      uniform).
+    key: a PRNG key, for the sign codec's coin flips at exact zeros (and the tied
+      votes that majority_vote re-encodes as zeros).
     axis_name: mapped device axis, or None for single-device Signum.
     aggregation: ``"majority_vote"`` (default), or any strategy that fits the sign codec.
 
