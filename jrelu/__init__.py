@@ -6,10 +6,12 @@ SGD" (arXiv 1901.06587). Public names only; the logic lives in the submodules.
 
 from jrelu import aggregation
 from jrelu import compressors
+from jrelu import experiment
 from jrelu import network
 from jrelu import parallel
 from jrelu import planted
 from jrelu import powersgd
+from jrelu import sampling
 from jrelu import wire
 from jrelu.transforms import CompressState, ErrorFeedbackState, compress, error_feedback
 from jrelu.transforms import qsgd, signum
@@ -17,5 +19,5 @@ from jrelu.transforms import qsgd, signum
 __version__ = "0.1.0"
 
 __all__ = ["CompressState", "ErrorFeedbackState", "aggregation", "compress", "compressors",
-           "error_feedback", "network", "parallel", "planted", "powersgd", "qsgd", "signum",
+           "error_feedback", "experiment", "network", "parallel", "planted", "powersgd", "qsgd", "sampling", "signum",
            "wire"]

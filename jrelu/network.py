@@ -19,6 +19,12 @@ The paper (no label noise here) initialises with a tensor method; this module of
 plain random initialisation, which is enough for the small problems jrelu trains.
 ``ReLU'(0) = 1/2`` as everywhere in jrelu (``jrelu.planted.relu``).
 
+It follows the convention of jrelu's model modules: ``data = (dataset, teacher)`` is what
+the training loop hands every device, ``init_params(key, data, ...)`` starts the student,
+``metrics_fn(params, data)`` gives the logged scalars and ``loss(params, x, y)`` is the
+per-device loss; batches come from ``jrelu.sampling`` (``make_batch_fn(B,
+sampling="replacement")``, or ``make_online_batch_fn(B, sample_batch)``).
+
 Exact population facts used by the tests (arc-cosine kernel of degree 1, unit rows, angle
 ``t_jk`` between ``w_j*`` and ``w_k*``): ``E[y] = K / sqrt(2 pi)`` and
 ``E[y^2] = sum_{j,k} (sin t_jk + (pi - t_jk) cos t_jk) / (2 pi)``.
@@ -29,7 +35,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jrelu import _checks
 from jrelu import planted
+from jrelu import sampling
 
 
 def sample_teacher(key, dim: int, num_hidden: int) -> jax.Array:
@@ -52,8 +60,8 @@ def sample_teacher(key, dim: int, num_hidden: int) -> jax.Array:
   References:
     Zhang, Yu, Wang, Gu, arXiv 1806.07808 (the teacher network).
   """
-  planted.check_positive_int("dim", dim)
-  planted.check_positive_int("num_hidden", num_hidden)
+  _checks.integer("dim", dim)
+  _checks.integer("num_hidden", num_hidden)
   w = jax.random.normal(key, (num_hidden, dim), jnp.float32)
   return w / jnp.linalg.norm(w, axis=1, keepdims=True)
 
@@ -89,7 +97,7 @@ def predict(params: dict, x: jax.Array) -> jax.Array:
     float32 ``[m]``. Gradients use ``ReLU'(0) = 1/2``.
 
   Example:
-    >>> predict(init_params(jax.random.key(0), 20, 4), jnp.zeros((3, 20)))   # zeros
+    >>> predict(teacher_params(teacher), jnp.zeros((3, 20)))   # zeros
   References:
     Zhang, Yu, Wang, Gu, "Learning One-hidden-layer ReLU Networks via Gradient Descent",
     AISTATS 2019, arXiv 1806.07808.
@@ -98,8 +106,29 @@ def predict(params: dict, x: jax.Array) -> jax.Array:
   return hidden @ params["output"]
 
 
-def sample_dataset(key, teacher: jax.Array, num_samples: int) -> planted.Dataset:
-  """Draws ``num_samples`` examples ``x ~ N(0, I_d)``, ``y = sum_j ReLU(<w_j*, x>)``.
+def sample_batch(key, teacher: jax.Array, num_rows: int):
+  """Draws ``num_rows`` examples ``x ~ N(0, I_d)``, ``y = sum_j ReLU(<w_j*, x>)``.
+
+  Args:
+    key: PRNG key.
+    teacher: float32 ``[K, d]`` teacher weights (from :func:`sample_teacher`).
+    num_rows: m >= 1 (a Python int; static under jit).
+
+  Returns:
+    ``(x, y)``: float32 ``[m, d]`` and ``[m]``.
+
+  Example:
+    >>> x, y = sample_batch(jax.random.key(1), teacher, 64)
+
+  References:
+    Zhang, Yu, Wang, Gu, arXiv 1806.07808 (noiseless case).
+  """
+  x = jax.random.normal(key, (num_rows, teacher.shape[1]), jnp.float32)
+  return x, predict(teacher_params(teacher), x)
+
+
+def sample_dataset(key, teacher: jax.Array, num_samples: int) -> sampling.Dataset:
+  """Draws a data set of ``num_samples`` rows with :func:`sample_batch`.
 
   Args:
     key: PRNG key.
@@ -107,29 +136,29 @@ def sample_dataset(key, teacher: jax.Array, num_samples: int) -> planted.Dataset
     num_samples: n >= 1.
 
   Returns:
-    A ``jrelu.planted.Dataset`` with ``x`` float32 ``[n, d]`` and ``y`` float32 ``[n]``.
+    A ``jrelu.sampling.Dataset`` with ``x`` float32 ``[n, d]`` and ``y`` float32 ``[n]``.
 
   Raises:
     ValueError: if ``num_samples`` is not an integer >= 1.
 
   Example:
-    >>> data = sample_dataset(jax.random.key(1), teacher, 400)
+    >>> dataset = sample_dataset(jax.random.key(1), teacher, 400)
 
   References:
     Zhang, Yu, Wang, Gu, arXiv 1806.07808 (noiseless case).
   """
-  planted.check_positive_int("num_samples", num_samples)
-  x = jax.random.normal(key, (num_samples, teacher.shape[1]), jnp.float32)
-  return planted.Dataset(x, predict(teacher_params(teacher), x))
+  _checks.integer("num_samples", num_samples)
+  return sampling.Dataset(*sample_batch(key, teacher, num_samples))
 
 
-def init_params(key, dim: int, num_hidden: int, scale: float = 1.0) -> dict:
+def init_params(key, data, scale: float = 1.0) -> dict:
   """Random student parameters: Gaussian hidden rows, zero biases, unit output weights.
+
+  The student has the teacher's shape, ``K`` hidden units on ``d`` inputs.
 
   Args:
     key: PRNG key.
-    dim: d >= 1.
-    num_hidden: K >= 1.
+    data: ``(dataset, teacher)``; only the teacher's shape ``[K, d]`` is read.
     scale: the hidden weights are ``N(0, scale^2 / d)``, so each row has expected
       squared norm ``scale^2`` (the teacher's rows have norm 1). Must be >= 0.
 
@@ -137,18 +166,16 @@ def init_params(key, dim: int, num_hidden: int, scale: float = 1.0) -> dict:
     ``{"hidden": float32 [K, d], "bias": zeros float32 [K], "output": ones float32 [K]}``.
 
   Raises:
-    ValueError: if ``dim`` or ``num_hidden`` is not an integer >= 1, or ``scale < 0``.
+    ValueError: if ``scale`` is not a finite number >= 0.
 
   Example:
-    >>> params = init_params(jax.random.key(2), dim=20, num_hidden=4, scale=1.0)
+    >>> params = init_params(jax.random.key(2), (dataset, teacher), scale=1.0)
   References:
     Zhang, Yu, Wang, Gu, "Learning One-hidden-layer ReLU Networks via Gradient Descent",
     AISTATS 2019, arXiv 1806.07808.
   """
-  planted.check_positive_int("dim", dim)
-  planted.check_positive_int("num_hidden", num_hidden)
-  if not scale >= 0:
-    raise ValueError(f"scale must be >= 0, got {scale!r}")
+  scale = _checks.number("scale", scale, low=0.0)
+  num_hidden, dim = data[1].shape
   hidden = scale / jnp.sqrt(dim) * jax.random.normal(key, (num_hidden, dim), jnp.float32)
   return {"hidden": hidden, "bias": jnp.zeros((num_hidden,), jnp.float32),
           "output": jnp.ones((num_hidden,), jnp.float32)}
@@ -175,52 +202,38 @@ def loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
   return 0.5 * jnp.mean(residual * residual)
 
 
-def relative_error(params: dict, data: planted.Dataset) -> jax.Array:
+def prediction_error(params: dict, dataset: sampling.Dataset) -> jax.Array:
   """Relative prediction error ``||f(x) - y||_2 / ||y||_2`` on a data set.
 
-  Comparing predictions sidesteps the permutation symmetry of the hidden units; on a
+  Comparing predictions sidesteps the permutation symmetry of the hidden units (so, unlike
+  ``jrelu.planted.relative_error``, it is not a distance between parameters); on a
   held-out set it measures how well the student has learnt the teacher.
 
   Args:
     params: the student's parameters.
-    data: a ``jrelu.planted.Dataset`` (for example a held-out sample).
+    dataset: a ``jrelu.sampling.Dataset`` (for example a held-out sample).
 
   Returns:
     float32 scalar, 0 at the teacher.
 
   Example:
-    >>> relative_error(params, sample_dataset(jax.random.key(9), teacher, 2000))
+    >>> prediction_error(params, sample_dataset(jax.random.key(9), teacher, 2000))
+
   References:
     Zhang, Yu, Wang, Gu, "Learning One-hidden-layer ReLU Networks via Gradient Descent",
     AISTATS 2019, arXiv 1806.07808.
   """
-  return jnp.linalg.norm(predict(params, data.x) - data.y) / jnp.linalg.norm(data.y)
+  return jnp.linalg.norm(predict(params, dataset.x) - dataset.y) / jnp.linalg.norm(dataset.y)
 
 
-def make_batch_fn(batch_size: int):
-  """A ``batch_fn`` for ``jrelu.parallel.make_step`` over a ``Dataset``.
+def metrics_fn(params, data):
+  """``{"prediction_error": ...}`` of ``params`` on the training set of ``data``.
 
-  Args:
-    batch_size: global mini-batch size B, divisible by the number of devices.
-
-  Returns:
-    ``batch_fn(key, data, shard_index, num_shards) -> (x, y)``: this device's shard of a
-    global mini-batch drawn uniformly with replacement from ``data`` (a ``Dataset``);
-    see ``jrelu.planted.minibatch``.
-
-  Raises:
-    ValueError: if ``batch_size`` is not an integer >= 1.
+  The ``metrics_fn`` of ``jrelu.parallel.make_step`` for ``data = (dataset, teacher)``;
+  it reads the whole data set, so it costs a forward pass over it per step.
 
   Example:
-    >>> step = parallel.make_step(loss, make_batch_fn(256), tx)
-
-  References:
-    Kalan, Soltanolkotabi, Avestimehr, "Fitting ReLUs via SGD and Quantized SGD",
-    arXiv 1901.06587 (mini-batch SGD with the batch split across workers).
+    >>> step = parallel.make_step(loss, sampling.make_batch_fn(256, sampling="replacement"),
+    ...                           tx, metrics_fn=metrics_fn)
   """
-  planted.check_positive_int("batch_size", batch_size)
-
-  def batch_fn(key, data, shard_index, num_shards):
-    return planted.minibatch(key, data, batch_size, shard_index, num_shards)
-
-  return batch_fn
+  return {"prediction_error": prediction_error(params, data[0])}

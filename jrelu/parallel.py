@@ -244,7 +244,7 @@ def shard(tree, devices):
   """Places slice i of every leaf of ``tree`` (split along axis 0) on device i.
 
   For data that each device should hold only its part of, e.g.
-  ``jrelu.planted.split_segments(dataset, N)`` under :func:`pmapped`.
+  ``jrelu.sampling.split_segments(dataset, N)`` under :func:`pmapped`.
 
   Args:
     tree: pytree of arrays with a leading axis of size N.

@@ -4,11 +4,11 @@ Vogels, Karimireddy, Jaggi, "PowerSGD: Practical Low-Rank Gradient Compression f
 Distributed Optimization", NeurIPS 2019 (arXiv 1905.13727): the paper's rank-r
 compression (its Algorithm 1) inside its error-feedback SGD (Algorithm 2) without the
 momentum, which a chained optimizer supplies. (Algorithm numbers are from memory of the
-paper; the steps below follow ALGORITHMS.md section 9 and the authors' code.)
+paper; the steps below are those of its Algorithm 1 and of the authors' code.)
 
 Every gradient leaf with ``ndim >= 2`` is viewed as a matrix ``[n, m] = [shape[0],
-prod(shape[1:])]``; it is compressed when ``r (n + m) < n m`` (the rule of
-``jrelu.compressors.powersgd``), otherwise it is a pass-through leaf. Per compressed leaf
+prod(shape[1:])]``; it is compressed when ``r (n + m) < n m`` (:func:`matrix_shape`), otherwise it is a
+pass-through leaf. Per compressed leaf
 and step, on device i of N (inside ``jax.pmap`` / ``jax.shard_map`` over ``axis_name``;
 ``mean_i`` is a ``pmean``, an all-reduce):
 
@@ -43,6 +43,19 @@ all-reducing ``P`` on one step and ``Q`` on the next (half the bits per step, th
 ``0.5 r (n + m)`` floats it reports); this module follows the paper's Algorithm 1, which
 sends both on every step. It orthonormalizes with Householder QR instead of Gram-Schmidt.
 
+With ``axis_name=None`` and a fresh ``q ~ N(0, 1)`` one step is the randomized range
+finder of Halko, Martinsson and Tropp (arXiv 0909.4061, Algorithm 4.1, no oversampling):
+``M_hat = P_hat P_hat^T M`` is the orthogonal projection of ``M`` onto a random
+r-dimensional subspace of its range, so ``||M_hat||^2 + ||M - M_hat||^2 = ||M||^2``,
+``M_hat = M`` whenever ``rank(M) <= r``, and for ``r = 1`` and two nonzero singular values
+``s1, s2`` the expected error is ``E||M - M_hat||_F^2 = s1 s2``.
+
+This module is all of PowerSGD in jrelu; its one public entry is :func:`powersgd`. It is
+not a ``jrelu.compressors`` codec because its state (the warm start ``q``, per-device
+residuals) and its collectives (all-reduces of ``P`` and ``Q``) do not fit the stateless
+encode / exchange / decode contract: under ``two_phase`` a codec only sees 1-D chunks,
+which PowerSGD would pass through uncompressed.
+
 Cost per step and device (``jrelu.wire``'s model, an all-reduce of S bits sends
 ``2 (N-1)/N S``): ``2 (N-1)/N * 32 r (n + m)`` per compressed leaf plus
 ``2 (N-1)/N * 32 * size`` per pass-through leaf; see :func:`wire_bits`.
@@ -50,14 +63,14 @@ Cost per step and device (``jrelu.wire``'s model, an all-reduce of S bits sends
 
 from __future__ import annotations
 
-import operator
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jrelu import compressors
+from jrelu import _checks
 from jrelu import transforms
 
 
@@ -97,14 +110,58 @@ class LowRankStep(NamedTuple):
   m_hat: jax.Array
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-  try:
-    ok = not isinstance(value, bool) and operator.index(value) >= minimum
-  except TypeError:
-    ok = False
-  if not ok:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-  return operator.index(value)
+def matrix_shape(shape, rank: int) -> tuple[int, int] | None:
+  """The matrix ``(n, m)`` a leaf of ``shape`` is compressed as at ``rank``, or None.
+
+  Args:
+    shape: the leaf's shape.
+    rank: r >= 1.
+
+  Returns:
+    ``(shape[0], prod(shape[1:]))`` (output features by input features, as PowerSGD
+    views convolution kernels) when ``len(shape) >= 2`` and ``r (n + m) < n m``; None
+    when the leaf passes through as float32. For a 2-D leaf this is the authors' code's
+    ``min_compression_rate = 2`` rule, which compares ``n m`` with its average per-step
+    size ``0.5 r (n + m)`` (it sends P and Q on alternate steps): both say "compress iff
+    ``r (n + m) < n m``". The rule implies ``r < min(n, m)``, so no rank is clipped.
+
+  Example:
+    >>> matrix_shape((64, 3, 3), 2)
+    (64, 9)
+    >>> matrix_shape((4, 4), 2) is None   # 2 * 8 >= 16
+    True
+
+  References:
+    Vogels, Karimireddy, Jaggi, arXiv 1905.13727 (matrix view of a tensor).
+  """
+  shape = tuple(shape)
+  if len(shape) < 2:
+    return None
+  n, m = shape[0], math.prod(shape[1:])
+  if rank * (n + m) >= n * m:
+    return None
+  return n, m
+
+
+def orthonormalize(p: jax.Array) -> jax.Array:
+  """Orthonormal basis of the column space of ``p`` by reduced Householder QR.
+
+  Args:
+    p: float32 ``[n, r]`` with ``r <= n``, any rank (zeros included).
+
+  Returns:
+    float32 ``[n, r]`` with orthonormal columns. When ``p`` has full column rank they
+    span ``range(p)``; otherwise QR completes them to an orthonormal set, so the result
+    is never NaN (for ``p = 0`` it is the first ``r`` columns of the identity on CPU).
+
+  Example:
+    >>> orthonormalize(jnp.ones((4, 1)))   # [[0.5], [0.5], [0.5], [0.5]] up to sign
+
+  References:
+    Halko, Martinsson, Tropp, "Finding structure with randomness", arXiv 0909.4061
+    (Algorithm 4.1 orthonormalizes the sample matrix by QR).
+  """
+  return jnp.linalg.qr(p, mode="reduced")[0]
 
 
 def _varying_axes(x) -> frozenset:
@@ -155,7 +212,7 @@ def low_rank_step(matrix: jax.Array, q: jax.Array, axis_name: str | None = None
   p = matrix @ q
   if axis_name is not None:
     p = jax.lax.pmean(p, axis_name)
-  p_hat = compressors.PowerSGD.orthonormalize(p)
+  p_hat = orthonormalize(p)
   new_q = matrix.T @ p_hat
   if axis_name is not None:
     new_q = jax.lax.pmean(new_q, axis_name)
@@ -192,7 +249,8 @@ def powersgd(rank: int, *, key, axis_name: str | None = None, start_iter: int = 
   Example:
     >>> tx = optax.chain(powersgd(2, key=jax.random.key(0), axis_name="data"),
     ...                  optax.sgd(0.1, momentum=0.9))
-    >>> step = parallel.make_step(network.loss, network.make_batch_fn(256), tx)
+    >>> batch_fn = sampling.make_batch_fn(256, sampling="replacement")
+    >>> step = parallel.make_step(network.loss, batch_fn, tx)
 
   References:
     Vogels, Karimireddy, Jaggi, "PowerSGD: Practical Low-Rank Gradient Compression for
@@ -200,8 +258,8 @@ def powersgd(rank: int, *, key, axis_name: str | None = None, start_iter: int = 
     Stich, Jaggi, "Error Feedback Fixes SignSGD and other Gradient Compression Schemes",
     ICML 2019, arXiv 1901.09847.
   """
-  codec = compressors.powersgd(rank)  # validates rank; owns the matrix-view rule
-  start_iter = _check_int("start_iter", start_iter, 0)
+  rank = _checks.integer("rank", rank)
+  start_iter = _checks.integer("start_iter", start_iter, 0)
   key = transforms.as_typed_key(key)
 
   def init_fn(params):
@@ -209,12 +267,12 @@ def powersgd(rank: int, *, key, axis_name: str | None = None, start_iter: int = 
     keys = jax.random.split(key, max(len(leaves), 1))
     qs, errors = [], []
     for leaf_key, leaf in zip(keys, leaves):
-      dims = codec.matrix_shape(jnp.shape(leaf))
+      dims = matrix_shape(jnp.shape(leaf), rank)
       if dims is None:
         qs.append(None)
         errors.append(None)
       else:
-        qs.append(jax.random.normal(leaf_key, (dims[1], codec.rank), jnp.float32))
+        qs.append(jax.random.normal(leaf_key, (dims[1], rank), jnp.float32))
         errors.append(jnp.zeros(jnp.shape(leaf), jnp.float32))
     return PowerSGDState(count=jnp.zeros((), jnp.int32), rng_key=key,
                          q=jax.tree_util.tree_unflatten(treedef, qs),
@@ -225,7 +283,7 @@ def powersgd(rank: int, *, key, axis_name: str | None = None, start_iter: int = 
 
   def compressed(grad, q, error, redraw_key):
     m = grad.astype(jnp.float32) + error
-    step = low_rank_step(m.reshape(codec.matrix_shape(grad.shape)), q, axis_name)
+    step = low_rank_step(m.reshape(matrix_shape(grad.shape, rank)), q, axis_name)
     out = step.m_hat.reshape(grad.shape).astype(grad.dtype)
     # A column of Q that is exactly zero (M^T p_hat_j = 0, e.g. a zero gradient) would
     # stay zero under warm start; draw it afresh, from a key every device shares.
@@ -247,7 +305,7 @@ def powersgd(rank: int, *, key, axis_name: str | None = None, start_iter: int = 
     out, new_qs, new_errors = [], [], []
     for index, (grad, q, error) in enumerate(zip(leaves, qs, errors)):
       redraw_key = jax.random.fold_in(step_key, index)
-      if codec.matrix_shape(grad.shape) is None:
+      if matrix_shape(grad.shape, rank) is None:
         out.append(mean(grad.astype(jnp.float32)).astype(grad.dtype))
         new_qs.append(None)
         new_errors.append(None)
@@ -297,11 +355,11 @@ def wire_bits(params, rank: int, num_devices: int) -> float:
     Vogels, Karimireddy, Jaggi, arXiv 1905.13727 (P and Q all-reduced, r (n + m)
     floats per matrix and step).
   """
-  codec = compressors.powersgd(rank)
-  n = _check_int("num_devices", num_devices, 1)
+  rank = _checks.integer("rank", rank)
+  n = _checks.integer("num_devices", num_devices)
   elements = 0
   for leaf in jax.tree_util.tree_leaves(params):
     shape = tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(jnp.shape(leaf))
-    dims = codec.matrix_shape(shape)
-    elements += codec.rank * sum(dims) if dims else compressors.base.num_elements(shape)
+    dims = matrix_shape(shape, rank)
+    elements += rank * sum(dims) if dims else math.prod(shape)
   return 2 * (n - 1) / n * 32 * elements

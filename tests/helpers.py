@@ -14,6 +14,7 @@ from jrelu import compressors
 from jrelu import network
 from jrelu import parallel
 from jrelu import planted
+from jrelu import sampling
 from jrelu import transforms
 
 DIM, NUM_SAMPLES, BATCH_SIZE = 50, 400, 128
@@ -34,7 +35,7 @@ def make_tx(compressor=None, aggregation="two_phase", learning_rate=0.4, axis_na
 
 
 def batch_fn(batch_size=BATCH_SIZE):
-  return planted.make_batch_fn(batch_size)
+  return sampling.make_batch_fn(batch_size)
 
 
 def replicated_inputs(tx, devices, data=None, dim=DIM):
@@ -65,15 +66,16 @@ def network_problem(seed, dim=NET_DIM, num_hidden=NUM_HIDDEN, num_samples=NET_SA
   """(teacher, dataset, initial params) of a small planted network."""
   teacher = network.sample_teacher(jax.random.key(seed), dim, num_hidden)
   data = network.sample_dataset(jax.random.key(seed + 1), teacher, num_samples)
-  params = network.init_params(jax.random.key(seed + 2), dim, num_hidden, scale=1.0)
+  params = network.init_params(jax.random.key(seed + 2), (data, teacher), scale=1.0)
   return teacher, data, params
 
 
 def train_network(tx, params, data, num_steps, devices, wrapper="pmap", seed=0):
   """Data-parallel training of the planted network; returns the final (replicated) state."""
-  step = parallel.make_step(network.loss, network.make_batch_fn(NET_BATCH), tx)
+  batch_fn = sampling.make_batch_fn(NET_BATCH, sampling="replacement")
+  step = parallel.make_step(network.loss, batch_fn, tx)
   fn = parallel.wrap(wrapper, parallel.scan_steps(step, num_steps), devices)
-  inputs = (parallel.init_state(params, tx), data, jax.random.key(seed))
+  inputs = (parallel.init_state(params, tx), (data, None), jax.random.key(seed))
   state, _ = fn(*parallel.replicate(inputs, devices))
   return state
 

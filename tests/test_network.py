@@ -15,6 +15,7 @@ import pytest
 
 from jrelu import network
 from jrelu import planted
+from jrelu import sampling
 
 
 def numpy_forward(params, x):
@@ -34,16 +35,13 @@ def test_factories_reject_bad_sizes(bad):
     network.sample_teacher(key, 20, bad)
   with pytest.raises(ValueError, match="num_samples must be an integer >= 1, got " + quoted):
     network.sample_dataset(key, jnp.ones((4, 20)), bad)
-  with pytest.raises(ValueError, match="num_hidden must be an integer >= 1, got " + quoted):
-    network.init_params(key, 20, bad)
-  with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got " + quoted):
-    network.make_batch_fn(bad)
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("nan")])
 def test_init_rejects_bad_scale(bad):
-  with pytest.raises(ValueError, match="scale must be >= 0, got " + re.escape(repr(bad))):
-    network.init_params(jax.random.key(0), 20, 4, scale=bad)
+  teacher = network.sample_teacher(jax.random.key(0), 20, 4)
+  with pytest.raises(ValueError, match="scale must be a finite number >= 0, got " + re.escape(repr(bad))):
+    network.init_params(jax.random.key(0), (None, teacher), scale=bad)
 
 
 def test_sample_teacher():
@@ -58,7 +56,7 @@ def test_sample_teacher():
 def test_sample_dataset_is_the_teacher_network():
   teacher = network.sample_teacher(jax.random.key(2), 20, 4)
   data = network.sample_dataset(jax.random.key(3), teacher, 300)
-  assert isinstance(data, planted.Dataset)
+  assert isinstance(data, sampling.Dataset)
   assert data.x.shape == (300, 20) and data.y.shape == (300,)
   assert data.x.dtype == jnp.float32 and data.y.dtype == jnp.float32
   expected = np.maximum(np.asarray(data.x, np.float64) @ np.asarray(teacher, np.float64).T,
@@ -67,7 +65,8 @@ def test_sample_dataset_is_the_teacher_network():
   # Realizable: the teacher's own parameters fit it with zero loss.
   params = network.teacher_params(teacher)
   assert float(network.loss(params, data.x, data.y)) == 0.0
-  assert float(network.relative_error(params, data)) == 0.0
+  assert float(network.prediction_error(params, data)) == 0.0
+  assert network.metrics_fn(params, (data, teacher)) == {"prediction_error": 0.0}
 
 
 def test_output_moments_match_arc_cosine_kernel():
@@ -125,7 +124,7 @@ def test_relu_derivative_is_half_at_zero():
   # gradient of row j is -(1/(2m)) x^T y, not 0 (jax.nn.relu would give 0, a stuck start).
   teacher = network.sample_teacher(jax.random.key(7), 10, 3)
   data = network.sample_dataset(jax.random.key(8), teacher, 128)
-  params = network.init_params(jax.random.key(9), 10, 3, scale=0.0)
+  params = network.init_params(jax.random.key(9), (data, teacher), scale=0.0)
   assert np.all(np.asarray(params["hidden"]) == 0)
   grads = jax.grad(network.loss)(params, data.x, data.y)
   expected = -(np.asarray(data.x, np.float64).T @ np.asarray(data.y, np.float64)) / (2 * 128)
@@ -134,7 +133,8 @@ def test_relu_derivative_is_half_at_zero():
 
 
 def test_init_params():
-  params = network.init_params(jax.random.key(10), 40, 500, scale=2.0)
+  teacher = jnp.zeros((500, 40))   # only its shape [K, d] is read
+  params = network.init_params(jax.random.key(10), (None, teacher), scale=2.0)
   assert set(params) == {"hidden", "bias", "output"}
   assert params["hidden"].shape == (500, 40) and params["hidden"].dtype == jnp.float32
   assert np.all(np.asarray(params["bias"]) == 0) and np.all(np.asarray(params["output"]) == 1)
@@ -142,17 +142,17 @@ def test_init_params():
   # relative sd sqrt(2 / 20000) = 0.01 (Var[z^2] = 2 sigma^4); 6 sigma = 0.06.
   mean_square = float(np.mean(np.asarray(params["hidden"], np.float64) ** 2))
   assert abs(mean_square / (4.0 / 40) - 1) <= 6 * math.sqrt(2 / 20000)
-  again = network.init_params(jax.random.key(10), 40, 500, scale=2.0)
+  again = network.init_params(jax.random.key(10), (None, teacher), scale=2.0)
   np.testing.assert_array_equal(params["hidden"], again["hidden"])
 
 
 def test_batch_shards_tile_the_global_batch():
   teacher = network.sample_teacher(jax.random.key(11), 5, 2)
   data = network.sample_dataset(jax.random.key(12), teacher, 100)
-  batch_fn = network.make_batch_fn(64)
+  batch_fn = sampling.make_batch_fn(64, sampling="replacement")
   key = jax.random.key(13)
-  whole_x, whole_y = batch_fn(key, data, 0, 1)
-  shards = [batch_fn(key, data, i, 8) for i in range(8)]
+  whole_x, whole_y = batch_fn(key, (data, teacher), 0, 1)
+  shards = [batch_fn(key, (data, teacher), i, 8) for i in range(8)]
   assert shards[0][0].shape == (8, 5) and shards[0][1].shape == (8,)
   np.testing.assert_array_equal(np.concatenate([s[0] for s in shards]), whole_x)
   np.testing.assert_array_equal(np.concatenate([s[1] for s in shards]), whole_y)
@@ -166,7 +166,7 @@ def test_gradient_descent_fits_the_teacher():
   # margin; held-out relative error 4e-6 (asserted < 1e-2).
   teacher = network.sample_teacher(jax.random.key(40), 20, 4)
   data = network.sample_dataset(jax.random.key(41), teacher, 400)
-  params = network.init_params(jax.random.key(42), 20, 4, scale=1.0)
+  params = network.init_params(jax.random.key(42), (data, teacher), scale=1.0)
 
   @jax.jit
   def descend(params):
@@ -179,4 +179,4 @@ def test_gradient_descent_fits_the_teacher():
   initial_loss = float(network.loss(params, data.x, data.y))
   assert float(network.loss(final, data.x, data.y)) <= 1e-5 * initial_loss
   held_out = network.sample_dataset(jax.random.key(43), teacher, 2000)
-  assert float(network.relative_error(final, held_out)) < 1e-2
+  assert float(network.prediction_error(final, held_out)) < 1e-2

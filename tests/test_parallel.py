@@ -12,6 +12,7 @@ import pytest
 from jrelu import compressors
 from jrelu import parallel
 from jrelu import planted
+from jrelu import sampling
 
 import helpers
 
@@ -25,7 +26,7 @@ def test_identity_on_8_devices_matches_single_device_whole_batch():
   # One device reads the 8 devices' windows when told the data set has 8 segments.
   single = parallel.scan_steps(
       parallel.make_step(planted.loss,
-                         planted.make_batch_fn(helpers.BATCH_SIZE, num_segments=DEVICES),
+                         sampling.make_batch_fn(helpers.BATCH_SIZE, num_segments=DEVICES),
                          single_tx, metrics_fn=planted.metrics_fn, axis_name=None), 20)
   data = helpers.problem()
   ref_state, ref_metrics = jax.jit(single)(
@@ -96,7 +97,7 @@ def test_compressor_sees_per_device_gradients(wrapper):
   # Expected: each shard's own gradient of its local mean loss.
   step_key = jax.random.fold_in(jax.random.key(4), 0)
   for i in range(DEVICES):
-    x, y = planted.window_minibatch(step_key, data[0], helpers.BATCH_SIZE, i, DEVICES)
+    x, y = sampling.window_minibatch(step_key, data[0], helpers.BATCH_SIZE, i, DEVICES)
     np.testing.assert_allclose(seen[i], jax.grad(planted.loss)(w0, x, y), rtol=1e-5,
                                atol=1e-6, err_msg=f"device {i}")
   assert not np.allclose(seen[0], seen[1])  # shards differ, so the gradients must too
@@ -119,7 +120,7 @@ def test_vmapped_matches_pmapped(aggregation):
   split = parallel.vmapped(run, DEVICES, in_axes=(axes, (0, None), None),
                            out_axes=(axes, 0))(
       parallel.stack(state, DEVICES, axes),
-      (planted.split_segments(dataset, DEVICES), w_star), key)
+      (sampling.split_segments(dataset, DEVICES), w_star), key)
   plain = parallel.vmapped(run, DEVICES)(
       *parallel.stack((state, (dataset, w_star), key), DEVICES))
   for vm_state, vm_metrics in (shared, split, plain):
@@ -137,7 +138,7 @@ def test_pmap_over_sharded_segments_matches_replicated_data():
   dataset, w_star = helpers.problem()
   state, w_rep, key = parallel.replicate(
       (parallel.init_state(jnp.zeros(helpers.DIM), tx), w_star, jax.random.key(4)), devices)
-  segments = parallel.shard(planted.split_segments(dataset, DEVICES), devices)
+  segments = parallel.shard(sampling.split_segments(dataset, DEVICES), devices)
   assert {s.device for s in segments.x.addressable_shards} == set(devices)
   sharded, _ = parallel.pmapped(parallel.scan_steps(step, 15), devices)(
       state, (segments, w_rep), key)

@@ -1,5 +1,5 @@
-"""PowerSGD: the stateless codec (jrelu.compressors.powersgd) and the stateful optax
-transform with warm start and error feedback (jrelu.powersgd).
+"""PowerSGD (jrelu.powersgd): one power-iteration step on a matrix, and the optax
+transform with warm start and error feedback.
 
 Exact identities are checked exactly (bit for bit where the float32 operations are the
 same on both sides, otherwise with a tolerance derived from float32 rounding); the one
@@ -16,10 +16,10 @@ import numpy as np
 import optax
 import pytest
 
-from jrelu import compressors
 from jrelu import network
 from jrelu import parallel
 from jrelu import powersgd as powersgd_lib
+from jrelu import sampling
 from jrelu import wire
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -41,46 +41,57 @@ def with_singular_values(rng, n, m, sigmas):
 
 
 # ----------------------------------------------------------------------------------------
-# The codec.
+# One step from a fresh q ~ N(0, 1): the randomized range finder.
+
+
+def one_step(rank):
+  """x -> M_hat of one PowerSGD step from q0 ~ N(0, 1) drawn from the key (one device)."""
+  def approx(key, x):
+    dims = powersgd_lib.matrix_shape(x.shape, rank)
+    if dims is None:
+      return x
+    q0 = jax.random.normal(key, (dims[1], rank), jnp.float32)
+    return powersgd_lib.low_rank_step(x.reshape(dims), q0).m_hat.reshape(x.shape)
+  return approx
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2", None])
-def test_codec_rejects_bad_rank(bad):
+def test_rejects_bad_rank(bad):
   with pytest.raises(ValueError, match="rank must be an integer >= 1, got " + re.escape(repr(bad))):
-    compressors.powersgd(bad)
+    powersgd_lib.powersgd(bad, key=jax.random.key(0))
+  with pytest.raises(ValueError, match="rank must be an integer >= 1, got " + re.escape(repr(bad))):
+    powersgd_lib.wire_bits({"w": jnp.zeros((4, 20))}, bad, 2)
 
 
 def test_matrix_view_and_pass_through_rule():
-  c1, c2 = compressors.powersgd(1), compressors.powersgd(2)
-  assert c2.matrix_shape((64, 3, 3)) == (64, 9)        # conv kernel: [out, in * kh * kw]
-  assert c1.matrix_shape((3, 2)) == (3, 2)             # 1 * 5 < 6: compressed
-  assert c1.matrix_shape((2, 2)) is None               # 1 * 4 >= 4: would not shrink
-  assert c2.matrix_shape((4, 4)) is None               # 2 * 8 >= 16
-  assert c2.matrix_shape((4, 20)) == (4, 20)           # 2 * 24 < 80
-  assert c2.matrix_shape((1, 1000)) is None            # rank would exceed min(n, m)
+  assert powersgd_lib.matrix_shape((64, 3, 3), 2) == (64, 9)   # conv kernel: [out, in*kh*kw]
+  assert powersgd_lib.matrix_shape((3, 2), 1) == (3, 2)        # 1 * 5 < 6: compressed
+  assert powersgd_lib.matrix_shape((2, 2), 1) is None          # 1 * 4 >= 4: would not shrink
+  assert powersgd_lib.matrix_shape((4, 4), 2) is None          # 2 * 8 >= 16
+  assert powersgd_lib.matrix_shape((4, 20), 2) == (4, 20)      # 2 * 24 < 80
+  assert powersgd_lib.matrix_shape((1, 1000), 2) is None       # rank would exceed min(n, m)
   for shape in [(), (1,), (1000,)]:
-    assert c1.matrix_shape(shape) is None
+    assert powersgd_lib.matrix_shape(shape, 1) is None
 
 
 def test_wire_bits_formula():
-  # RT-P1: a compressed n x m matrix sends P_hat and Q, 32 r (n + m) bits; anything else
-  # goes as float32. The payload's size is read from the traced shapes (eval_shape).
+  # A compressed n x m leaf all-reduces P [n, r] and Q [m, r], 32 r (n + m) bits of
+  # operand; anything else all-reduces its float32 values. At N = 2 an all-reduce of S
+  # bits is charged 2 (N-1)/N S = S, so wire_bits equals the operand bits.
   for rank in (1, 2, 3):
-    c = compressors.powersgd(rank)
     for shape in [(30, 40), (50, 4, 5), (3, 2), (2, 2), (7, 13), (1000,), (1,), ()]:
       size = math.prod(shape)
       if len(shape) >= 2 and rank * (shape[0] + size // shape[0]) < size:
         expected = 32 * rank * (shape[0] + size // shape[0])
       else:
         expected = 32 * size
-      assert c.wire_bits(shape) == expected, (rank, shape)
-      code = jax.eval_shape(c.encode, jax.random.key(0), jax.ShapeDtypeStruct(shape, jnp.float32))
-      assert compressors.payload_bits(code) == expected, (rank, shape)
+      params = {"w": jnp.zeros(shape)}
+      assert powersgd_lib.wire_bits(params, rank, 2) == expected, (rank, shape)
+      assert powersgd_lib.wire_bits(params, rank, 8) == 2 * 7 / 8 * expected, (rank, shape)
   # Literal values: 32 r (n + m) for matrices, 32 d otherwise.
-  assert compressors.powersgd(1).wire_bits((30, 40)) == 2240          # vs 38400
-  assert compressors.powersgd(2).wire_bits((50, 4, 5)) == 4480        # [50, 20] view
-  assert compressors.powersgd(2).wire_bits((4, 20)) == 1536           # vs 2560
-  assert compressors.powersgd(1).wire_bits((2, 2)) == 128             # passed through
+  assert powersgd_lib.wire_bits({"w": jnp.zeros((30, 40))}, 1, 2) == 2240       # vs 38400
+  assert powersgd_lib.wire_bits({"w": jnp.zeros((50, 4, 5))}, 2, 2) == 4480     # [50, 20]
+  assert powersgd_lib.wire_bits({"w": jnp.zeros((2, 2))}, 1, 2) == 128          # passed
 
 
 @pytest.mark.parametrize("n,m,rank,true_rank", [
@@ -96,9 +107,9 @@ def test_codec_reproduces_low_rank_matrices(n, m, rank, true_rank):
   # error, so the test is exact in spirit and never flaky.
   rng = np.random.default_rng(n + m + rank)
   matrix = low_rank(rng, n, m, true_rank)
-  c = compressors.powersgd(rank)
+  c = one_step(rank)
   keys = jax.random.split(jax.random.key(1), 500)
-  # The codec's output and its Q0 (the same normal draw encode makes from the key).
+  # The step's output and its Q0 (the same normal draw one_step makes from the key).
   out, q0 = jax.jit(jax.vmap(lambda k: (c(k, matrix), jax.random.normal(k, (m, rank)))))(keys)
   out, q0 = np.asarray(out, np.float64), np.asarray(q0, np.float64)
   m64 = np.asarray(matrix, np.float64)
@@ -112,18 +123,19 @@ def test_codec_reproduces_low_rank_matrices(n, m, rank, true_rank):
 
 
 def test_zero_and_rank_deficient_inputs_give_no_nan():
-  # (The contract suite checks zeros eagerly on (7, 13); here a 3-D array under jit.)
-  c = compressors.powersgd(2)
-  shape = (30, 4, 5)
-  encode, decode = jax.jit(c.encode), jax.jit(c.decode)
-  code = encode(jax.random.key(0), jnp.zeros(shape, jnp.float32))
+  step = jax.jit(powersgd_lib.low_rank_step)
+  q0 = jax.random.normal(jax.random.key(0), (20, 2), jnp.float32)
+  out = step(jnp.zeros((30, 20), jnp.float32), q0)
   # QR of P = 0 returns orthonormal unit vectors, not NaN; then Q = M^T P_hat = 0.
-  np.testing.assert_allclose(np.asarray(code.p).T @ np.asarray(code.p), np.eye(2), atol=1e-6)
-  assert np.all(np.asarray(code.q) == 0)
-  assert np.all(np.asarray(decode(code)) == 0)
+  # (P_hat^T P_hat = I to float32 rounding of a 30-term dot product: 1e-6 ~ 8 eps.)
+  np.testing.assert_allclose(np.asarray(out.p_hat).T @ np.asarray(out.p_hat), np.eye(2),
+                             atol=1e-6)
+  assert np.all(np.asarray(out.q) == 0)
+  assert np.all(np.asarray(out.m_hat) == 0)
   # A single nonzero entry: rank 1 < r = 2, so P has rank 1; the output is still exact.
+  shape = (30, 4, 5)
   spike = jnp.zeros((30, 20), jnp.float32).at[2, 3].set(5.0).reshape(shape)
-  out = np.asarray(decode(encode(jax.random.key(1), spike)))
+  out = np.asarray(jax.jit(one_step(2))(jax.random.key(1), spike))
   assert np.all(np.isfinite(out))
   np.testing.assert_allclose(out, np.asarray(spike), atol=1e-6)
 
@@ -139,7 +151,7 @@ def test_codec_is_an_orthogonal_projection():
   sigma = np.linalg.svd(m64, compute_uv=False)
   total = float(np.sum(m64**2))
   for rank in (1, 5):
-    c = compressors.powersgd(rank)
+    c = one_step(rank)
     outs = np.asarray(jax.jit(jax.vmap(lambda k: c(k, matrix)))(
         jax.random.split(jax.random.key(rank), 50)), np.float64)
     kept = np.sum(outs**2, axis=(1, 2))
@@ -162,7 +174,7 @@ def test_rank1_expected_error_is_product_of_singular_values():
   m64 = with_singular_values(rng, 30, 20, [2.0, 1.0])
   matrix = jnp.asarray(m64, jnp.float32)
   m64 = np.asarray(matrix, np.float64)
-  c = compressors.powersgd(1)
+  c = one_step(1)
   num_draws = 20_000
   keys = jax.random.split(jax.random.key(5), num_draws)
   errors = jax.jit(jax.vmap(lambda k: jnp.sum((c(k, matrix) - matrix) ** 2)))(keys)
@@ -175,16 +187,6 @@ def test_rank1_expected_error_is_product_of_singular_values():
   # Every draw: 1/X = w1 / b + w2 / a with weights w = (g1^2, g2^2) / (g1^2 + g2^2), a
   # weighted harmonic mean, so b <= X <= a.
   assert errors.min() >= b * (1 - 1e-4) and errors.max() <= a * (1 + 1e-4)
-
-
-def test_codec_passes_vectors_through():
-  c = compressors.powersgd(1)
-  x = jnp.asarray(np.random.default_rng(5).standard_normal(17), jnp.bfloat16)
-  code = c.encode(jax.random.key(0), x)
-  assert code.values.dtype == jnp.float32
-  out = c.decode(code)
-  assert out.dtype == jnp.bfloat16
-  np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
 
 
 # ----------------------------------------------------------------------------------------
@@ -379,7 +381,7 @@ def test_warm_start_makes_power_iteration_converge():
   # range(P) converges to G's top-r left singular space at rate (s3 / s2)^2 = 1/4 per
   # step, so after 25 steps ||G - M_hat||^2 is the Eckart-Young optimum
   # s3^2 + s4^2 + s5^2 = 5.25 (to float32 accuracy, 1e-5 relative). A cold start (a fresh
-  # Gaussian q each step, the stateless codec) stays well above it.
+  # Gaussian q each step) stays well above it.
   rng = np.random.default_rng(23)
   g = jnp.asarray(with_singular_values(rng, 30, 40, [5.0, 4.0, 2.0, 1.0, 0.5]), jnp.float32)
   optimum = 4.0 + 1.0 + 0.25
@@ -394,8 +396,8 @@ def test_warm_start_makes_power_iteration_converge():
   errors = np.asarray(warm(jax.random.normal(jax.random.key(3), (40, 2))), np.float64)
   np.testing.assert_allclose(errors[-1], optimum, rtol=1e-5)
   assert np.all(np.diff(errors) <= 1e-5 * optimum)  # monotone (up to rounding)
-  codec = compressors.powersgd(2)
-  cold = jax.jit(jax.vmap(lambda k: jnp.sum((g - codec(k, g)) ** 2)))(
+  cold_step = one_step(2)
+  cold = jax.jit(jax.vmap(lambda k: jnp.sum((g - cold_step(k, g)) ** 2)))(
       jax.random.split(jax.random.key(4), 25))
   assert np.mean(np.asarray(cold)) > 1.5 * optimum
   assert errors[0] > errors[-1] * (1 + 1e-3)
@@ -520,9 +522,10 @@ def test_measured_hlo_bits_equal_wire_bits():
   _, data, params = network_problem(0, dim, num_hidden, num_samples=64)
   tx = optax.chain(powersgd_lib.powersgd(2, key=jax.random.key(0), axis_name="data"),
                    optax.sgd(0.1))
-  step = parallel.make_step(network.loss, network.make_batch_fn(64), tx)
-  inputs = parallel.replicate((parallel.init_state(params, tx), data, jax.random.key(1)),
-                              devices)
+  step = parallel.make_step(network.loss, sampling.make_batch_fn(64, sampling="replacement"),
+                            tx)
+  inputs = parallel.replicate(
+      (parallel.init_state(params, tx), (data, None), jax.random.key(1)), devices)
   report = wire.measure(parallel.pmapped(step, devices), *inputs)
   expected = powersgd_lib.wire_bits(params, 2, num_devices)
   # P and Q of "hidden" ([K, d]: 2 (K + d) floats) and the two [K] vectors, all-reduced.
@@ -564,7 +567,7 @@ def test_powersgd_rank2_trains_the_network_on_8_devices():
   assert final <= 3 * final_sgd, (final, final_sgd)
   # The student has learnt the teacher: small prediction error on fresh inputs.
   held_out = network.sample_dataset(jax.random.key(99), teacher, 2000)
-  assert float(network.relative_error(parallel.unreplicate(compressed.params), held_out)) < 1e-3
+  assert float(network.prediction_error(parallel.unreplicate(compressed.params), held_out)) < 1e-3
 
 
 def test_pmap_and_shard_map_agree():

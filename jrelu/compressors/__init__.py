@@ -2,8 +2,8 @@
 
 Each codec lives in one private module ``_NAME.py`` and its factory is re-exported here,
 so ``jrelu.compressors.qsgd`` is always the factory (a public module of the same name
-would be shadowed by it). ``REGISTRY`` maps the names accepted by
-``python -m jrelu.train --compressor`` to the factories; adding a compressor is one module
+would be shadowed by it). ``REGISTRY`` maps codec names to the factories (``jrelu.experiment`` builds them by
+name); adding a compressor is one module
 plus one line here and one in the contract test suite.
 """
 
@@ -15,7 +15,6 @@ from jrelu.compressors._rand_k import RandK, rand_k
 from jrelu.compressors._top_k import TopK, top_k
 from jrelu.compressors._sign import Sign, sign
 from jrelu.compressors._terngrad import TernGrad, terngrad
-from jrelu.compressors._powersgd import PowerSGD, powersgd
 from jrelu.compressors._atomo import Atomo, atomo
 
 REGISTRY = {
@@ -26,10 +25,9 @@ REGISTRY = {
     "top_k": top_k,
     "sign": sign,
     "terngrad": terngrad,
-    "powersgd": powersgd,
     "atomo": atomo,
 }
 
-__all__ = ["Atomo", "atomo", "FOSGD", "fo_sgd", "PowerSGD", "powersgd", "Sign", "TernGrad", "sign", "terngrad",
+__all__ = ["Atomo", "atomo", "FOSGD", "fo_sgd", "Sign", "TernGrad", "sign", "terngrad",
            "Compressor", "Identity", "QSGD", "REGISTRY", "code_class", "identity",
            "payload_bits", "qsgd", "RandK", "rand_k", "TopK", "top_k"]

@@ -1,0 +1,105 @@
+"""jrelu.experiment: the config's rules, the pieces it builds, and run() end to end."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jrelu import experiment
+from jrelu import powersgd
+from jrelu import transforms
+
+DEVICES = 8
+TINY = dict(dim=20, num_samples=100, batch_size=16, learning_rate=0.1)
+
+
+def test_resolve_fills_only_the_defaults_the_method_uses():
+  config = experiment.resolve(experiment.Config())
+  assert (config.num_levels, config.norm, config.aggregation) == (4, "max", "two_phase")
+  assert (config.rank, config.decay_steps, config.decay_rate) == (None, None, None)
+  power = experiment.resolve(experiment.Config(compressor="powersgd",
+                                               lr_schedule="inverse_sqrt"))
+  assert (power.rank, power.aggregation, power.num_levels) == (1, None, None)
+  assert (power.decay_steps, power.decay_rate) == (100, None)
+  explicit = experiment.Config(num_levels=8, aggregation="psum")
+  assert experiment.resolve(explicit).num_levels == 8
+  assert experiment.resolve(explicit).aggregation == "psum"
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(num_levels=8, compressor="sign"), "num_levels"),
+    (dict(rank=2), "rank"),
+    (dict(scaled_sign=True), "scaled_sign"),
+    (dict(compressor="powersgd", aggregation="two_phase"), "aggregation"),
+    (dict(compressor="powersgd", error_feedback=True), "error_feedback"),
+    (dict(decay_rate=0.5), "decay_rate"),
+    (dict(decay_steps=100), "decay_steps"),
+    (dict(compressor="top_k", k=3, fraction=0.5), "k"),
+    (dict(aggregation="majority_vote"), "aggregation"),
+    (dict(batch_size=10, num_samples=5), "batch_size"),
+    (dict(seed=-1), "seed"),
+    (dict(dim=True), "dim"),
+])
+def test_a_setting_the_method_does_not_use_or_a_bad_value_is_an_error(overrides, field):
+  with pytest.raises(experiment.ConfigError) as info:
+    experiment.Config(**overrides).validate()
+  assert info.value.field == field
+  assert f"{field}=" in str(info.value)
+
+
+def test_the_transform_follows_the_compressor():
+  key = jax.random.key(0)
+  params = jax.numpy.zeros(12)
+  ef = experiment.make_tx(experiment.Config(compressor="top_k", error_feedback=True), key, 2)
+  assert isinstance(ef.init(params)[0], transforms.ErrorFeedbackState)
+  plain = experiment.make_tx(experiment.Config(), key, 2)
+  assert isinstance(plain.init(params)[0], transforms.CompressState)
+  power = experiment.make_tx(experiment.Config(compressor="powersgd"), key, 2)
+  assert isinstance(power.init(params)[0], powersgd.PowerSGDState)
+  momentum = experiment.make_tx(experiment.Config(momentum=0.9), key, 2)
+  assert isinstance(momentum.init(params)[0], optax.EmaState)
+  assert experiment.make_codec(experiment.Config(compressor="atomo", dim=1000), 8).budget == 15
+
+
+def test_last_chunk_may_be_shorter_and_target_zero_never_stops(tmp_path):
+  seen = []
+  config = experiment.Config(**TINY, num_steps=25, log_every=10, target_relative_error=0)
+  summary = experiment.run(config, str(tmp_path), devices=jax.devices()[:DEVICES],
+                           callbacks=[seen.append])
+  assert (summary["status"], summary["steps"], summary["steps_to_target"]) == (
+      "finished", 25, None)
+  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert records == seen  # every callback sees exactly the lines written
+  assert [r["step"] for r in records] == [10, 20, 25]
+  assert records[-1]["relative_error"] < summary["initial_relative_error"] == 1.0
+  assert records[-1]["cumulative_wire_bits_per_device"] == (
+      25 * summary["wire_bits_per_step_per_device"])
+  on_disk = json.loads((tmp_path / "summary.json").read_text())
+  assert on_disk["num_levels"] == 4 and on_disk["workdir"] == str(tmp_path)
+
+
+def test_divergence_raises_and_keeps_the_summary(tmp_path):
+  config = experiment.Config(**dict(TINY, learning_rate=1e4), num_steps=20, log_every=1)
+  with pytest.raises(experiment.DivergedError) as info:
+    experiment.run(config, str(tmp_path), devices=jax.devices()[:DEVICES])
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["status"] == "diverged" and summary["diverged_at_step"] == info.value.step
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) == info.value.step - 1
+
+
+def test_powersgd_summary_records_no_aggregation(tmp_path):
+  config = experiment.Config(**TINY, compressor="powersgd", num_steps=2, log_every=2)
+  summary = experiment.run(config, str(tmp_path), devices=jax.devices()[:DEVICES])
+  assert summary["aggregation"] is None and summary["rank"] == 1
+  # A vector passes through: PowerSGD's all-reduce of the float32 gradient.
+  assert summary["wire_bits_per_step_per_device"] == summary["float32_wire_bits"]
+
+
+def test_write_json_is_strict(tmp_path):
+  path = str(tmp_path / "x.json")
+  experiment.write_json(path, {"a": float("nan"), "b": [1.0, float("inf")]})
+  assert json.loads(open(path).read()) == {"a": None, "b": [1.0, None]}
