@@ -224,6 +224,9 @@ def _validate(config: Config) -> None:
   if config.k is not None and config.fraction is not None:
     raise ConfigError("k", f"k={config.k} and fraction={config.fraction} both given; "
                       "give one")
+  if config.error_feedback and config.compressor == "none":
+    raise ConfigError("error_feedback", "error_feedback=True has no effect with "
+                      "compressor='none' (float32 leaves no residual)")
   if config.compressor == POWERSGD:
     if config.aggregation is not None:
       raise ConfigError("aggregation", f"aggregation={config.aggregation!r} has no effect "

@@ -35,6 +35,7 @@ def test_resolve_fills_only_the_defaults_the_method_uses():
     (dict(scaled_sign=True), "scaled_sign"),
     (dict(compressor="powersgd", aggregation="two_phase"), "aggregation"),
     (dict(compressor="powersgd", error_feedback=True), "error_feedback"),
+    (dict(compressor="none", error_feedback=True), "error_feedback"),
     (dict(decay_rate=0.5), "decay_rate"),
     (dict(decay_steps=100), "decay_steps"),
     (dict(compressor="top_k", k=3, fraction=0.5), "k"),
