@@ -29,6 +29,8 @@ gradient.
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -323,12 +325,65 @@ def unreplicate(tree):
   return jax.tree_util.tree_map(lambda a: a[0], tree)
 
 
+def _cpu_client_threads() -> int:
+  """The thread count XLA's CPU client will give its pools: ``NPROC``, else the cores.
+
+  XLA reads the environment variable ``NPROC`` once, when the CPU client is created; the
+  pools get ``max(that, number of CPU devices)`` threads.
+  """
+  nproc = os.environ.get("NPROC", "")
+  return int(nproc) if nproc.isdigit() else (os.cpu_count() or 1)
+
+
+def _reserve_cpu_client_threads(num_cpu_devices: int) -> None:
+  """Gives XLA's CPU client at least ``2 * num_cpu_devices`` threads, before it starts.
+
+  Raises ``NPROC`` to ``2 N`` when it (or, unset, the core count) is smaller. If the
+  backend has already started, nothing can change: warns when its CPU pools are smaller
+  than ``2 N`` for the ``N`` CPU devices it has.
+  """
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    started = xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):  # another JAX version: assume not started
+    started = False
+  if not started:
+    if _cpu_client_threads() < 2 * num_cpu_devices:
+      os.environ["NPROC"] = str(2 * num_cpu_devices)
+    return
+  if jax.default_backend() != "cpu":
+    return
+  num_cpu_devices = jax.device_count()
+  if _cpu_client_threads() < 2 * num_cpu_devices:
+    warnings.warn(
+        f"JAX's CPU backend started before jrelu.parallel.setup_devices could give its "
+        f"{num_cpu_devices} devices {2 * num_cpu_devices} threads "
+        f"(it has {max(_cpu_client_threads(), num_cpu_devices)}); a Python loop of pmap "
+        "steps with collectives can then deadlock. Call setup_devices before any JAX "
+        f"computation, or start Python with NPROC={2 * num_cpu_devices} or more.",
+        RuntimeWarning, stacklevel=3)
+
+
 def setup_devices(num_devices: int | None = None):
   """Returns the devices to train on, simulating CPU devices where there is no accelerator.
 
   Call it before any JAX computation: on CPU it sets ``jax_num_cpu_devices`` so that
   ``num_devices`` (default 8) simulated devices exist. With an accelerator present its
   devices are used (default: all of them).
+
+  It also gives XLA's CPU client enough threads for the simulated devices: when the core
+  count (or a user's ``NPROC``) is below ``2 N``, it sets the environment variable
+  ``NPROC``, which XLA reads once, when the CPU client starts, as the size of its thread
+  pools, to ``2 N``.
+  Why: XLA runs each device's share of a step on one pool of ``max(cores, N)`` threads.
+  A plain Python loop of ``jax.pmap`` steps runs ahead of the devices; the launches of a
+  later step then wait on pool threads for a free in-flight slot of their device, while the
+  current step's devices wait for each other inside a collective (an all-to-all, an
+  all-gather). With cores < N those waiting launches can hold every thread that the last
+  devices of the current step need, and the process aborts with XLA's "Termination
+  timeout ... Expected 8 threads to join the rendezvous". With ``2 N`` threads one step's
+  executions and the next step's launches always fit. ``NPROC`` is only ever raised, so
+  on an accelerator it can only grow the host pools.
 
   Args:
     num_devices: N >= 1, or None for the default.
@@ -340,6 +395,16 @@ def setup_devices(num_devices: int | None = None):
     ValueError: if ``num_devices < 1``, exceeds the accelerators present, exceeds
       ``MAX_CPU_DEVICES`` simulated devices, or more CPU devices are asked for than JAX was
       started with (backends already initialized).
+
+  Warns:
+    RuntimeWarning: if the CPU backend had already started with fewer than ``2 N``
+      threads (``NPROC`` unset or smaller); training still works with ``scan_steps`` or
+      with a loop that blocks on its results, but a free-running pmap loop may deadlock.
+
+  Example:
+    >>> import jrelu
+    >>> devices = jrelu.parallel.setup_devices(8)   # first thing, before any JAX work
+    >>> run = jrelu.parallel.pmapped(step, devices)
   """
   if num_devices is not None and num_devices < 1:
     raise ValueError(f"num_devices must be >= 1, got {num_devices!r}")
@@ -347,6 +412,7 @@ def setup_devices(num_devices: int | None = None):
     raise ValueError(f"num_devices must be at most {MAX_CPU_DEVICES} (each simulated "
                      f"device holds a copy of the data), got {num_devices}")
   wanted_cpu = num_devices or DEFAULT_CPU_DEVICES
+  _reserve_cpu_client_threads(max(wanted_cpu, jax.config.jax_num_cpu_devices))
   try:
     if jax.config.jax_num_cpu_devices < wanted_cpu:
       jax.config.update("jax_num_cpu_devices", wanted_cpu)
