@@ -87,7 +87,7 @@ def test_compressor_sees_per_device_gradients(wrapper):
   """Fails if the gradient is summed across devices before compression."""
   devices = jax.devices()[:DEVICES]
   data = helpers.problem()
-  w0 = planted.init_params("moment", jax.random.key(9), data[0])
+  w0 = planted.init_params(jax.random.key(9), data, "moment")
   tx = _recording_transform("data")
   step = parallel.make_step(planted.loss, helpers.batch_fn(), tx)
   state = parallel.TrainState(w0, tx.init(w0), jnp.zeros((), jnp.int32))
