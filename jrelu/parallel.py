@@ -39,6 +39,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jrelu import _checks
+
 AXIS_NAME = "data"
 WRAPPERS = ("pmap", "shard_map")
 DEFAULT_CPU_DEVICES = 8
@@ -119,8 +121,7 @@ def scan_steps(step: Callable, num_steps: int):
   Raises:
     ValueError: if ``num_steps < 1``.
   """
-  if num_steps < 1:
-    raise ValueError(f"num_steps must be >= 1, got {num_steps!r}")
+  _checks.integer("num_steps", num_steps)
 
   def run(state, data, key):
     return jax.lax.scan(lambda s, _: step(s, data, key), state, length=num_steps)
@@ -213,8 +214,7 @@ def vmapped(fn: Callable, num_devices: int, axis_name: str = AXIS_NAME, *, in_ax
     ...               out_axes=(VMAP_STATE_AXES, 0))
     >>> state, metrics = run(stack(state, 8, VMAP_STATE_AXES), (dataset, w_star), key)
   """
-  if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
-    raise ValueError(f"num_devices must be an integer >= 1, got {num_devices!r}")
+  num_devices = _checks.integer("num_devices", num_devices)
   return jax.jit(jax.vmap(fn, in_axes=in_axes, out_axes=out_axes, axis_name=axis_name,
                           axis_size=num_devices))
 
@@ -278,11 +278,9 @@ def wrap(parallel: str, fn: Callable, devices, axis_name: str = AXIS_NAME):
   Raises:
     ValueError: if ``parallel`` is unknown.
   """
-  if parallel == "pmap":
+  if _checks.choice("parallel", parallel, WRAPPERS) == "pmap":
     return pmapped(fn, devices, axis_name)
-  if parallel == "shard_map":
-    return shard_mapped(fn, devices, axis_name)
-  raise ValueError(f"parallel must be one of {WRAPPERS}, got {parallel!r}")
+  return shard_mapped(fn, devices, axis_name)
 
 
 def replicate(tree, devices):
@@ -406,8 +404,7 @@ def setup_devices(num_devices: int | None = None):
     >>> devices = jrelu.parallel.setup_devices(8)   # first thing, before any JAX work
     >>> run = jrelu.parallel.pmapped(step, devices)
   """
-  if num_devices is not None and num_devices < 1:
-    raise ValueError(f"num_devices must be >= 1, got {num_devices!r}")
+  num_devices = _checks.optional_integer("num_devices", num_devices)
   if num_devices is not None and num_devices > MAX_CPU_DEVICES:
     raise ValueError(f"num_devices must be at most {MAX_CPU_DEVICES} (each simulated "
                      f"device holds a copy of the data), got {num_devices}")

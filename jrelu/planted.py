@@ -109,8 +109,7 @@ def sample_dataset(key, w_star, num_samples: int, noise_std: float = 0.0) -> sam
     >>> data = sample_dataset(jax.random.key(1), w_star, 4000)
   """
   _checks.integer("num_samples", num_samples)
-  if noise_std < 0:
-    raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
+  noise_std = _checks.number("noise_std", noise_std, low=0.0)
   x_key, noise_key = jax.random.split(key)
   x, y = sample_batch(x_key, w_star, num_samples)
   if noise_std:
@@ -196,15 +195,14 @@ def init_params(key, data, init: str = "zeros"):
   References:
     Kalan, Soltanolkotabi, Avestimehr, arXiv 1901.06587 (SGD from zero).
   """
+  _checks.choice("init", init, INITS)
   dataset = data[0]
   n, dim = dataset.x.shape
   if init == "zeros":
     return jnp.zeros((dim,), jnp.float32)
   if init == "moment":
     return 2.0 / n * (dataset.y @ dataset.x)
-  if init == "random":
-    return jax.random.normal(key, (dim,), jnp.float32) / jnp.sqrt(dim)
-  raise ValueError(f"init must be one of {INITS}, got {init!r}")
+  return jax.random.normal(key, (dim,), jnp.float32) / jnp.sqrt(dim)  # "random"
 
 
 def metrics_fn(params, data):

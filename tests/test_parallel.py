@@ -174,7 +174,7 @@ def test_replicate_places_one_copy_per_device():
 
 
 def test_setup_devices_errors():
-  with pytest.raises(ValueError, match="num_devices must be >= 1, got 0"):
+  with pytest.raises(ValueError, match="num_devices must be None or an integer >= 1, got 0"):
     parallel.setup_devices(0)
   with pytest.raises(ValueError, match="at most 256.*got 100000"):
     parallel.setup_devices(100000)
