@@ -23,9 +23,9 @@ test: $(STAMP)
 ## bench: set up .venv with the bench extra (torch==2.13.0) and run the quick benchmarks
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) benchmarks/step_throughput.py --quick --outdir=runs/bench/step_throughput
-	$(PY) benchmarks/compressors.py --quick --outdir=runs/bench/compressors
-	$(PY) benchmarks/reproduce.py --quick --outdir=runs/bench/reproduce
+	$(PY) -m benchmarks.step_throughput --quick --outdir=runs/bench/step_throughput
+	$(PY) -m benchmarks.compressors --quick --outdir=runs/bench/compressors
+	$(PY) -m benchmarks.reproduce --quick --outdir=runs/bench/reproduce
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -1,6 +1,6 @@
-"""PyTorch peers of jrelu's training step, timed for ``benchmarks/step_throughput.py``.
+"""PyTorch peers of jrelu's training step, timed for ``python -m benchmarks.step_throughput``.
 
-A helper, not a benchmark binary: ``step_throughput.py`` runs it in a subprocess
+A helper, not a benchmark binary: ``benchmarks.step_throughput.peers`` runs it in a subprocess
 (``python -m benchmarks._torch_peers CONFIG_JSON``) so that neither JAX nor the parent's
 memory is in the way, and reads the one JSON line it prints. It imports only torch and
 NumPy.

@@ -1,10 +1,11 @@
 """Shared helpers of the benchmark binaries: flags, machine facts, timing statistics, output.
 
-Every binary in ``benchmarks/`` runs through :func:`run_main` (a bad flag is one line
-``NAME.py: error: ...`` on stderr and exit status 2, no traceback, as in ``jrelu.train``),
-records :func:`machine_info` in its JSON and ends by printing exactly one JSON line
-(:func:`print_json_line`). :func:`stats` and :func:`read_roofline` serve the timing
-benchmarks.
+Every binary of ``benchmarks`` runs through :func:`run_main` (a bad flag is one line
+``benchmarks.NAME: error: ...`` on stderr and exit status 2, no traceback, as in
+``jrelu.train``), records :func:`machine_info` in its JSON and ends by printing exactly one
+JSON line (:func:`print_json_line`). :func:`stats` and :func:`read_roofline` serve the
+timing benchmarks. Files are written with ``jrelu.experiment.write_json`` (atomic, strict
+JSON).
 """
 
 from __future__ import annotations
@@ -17,28 +18,45 @@ import re
 import select
 import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
+import jax
+
+from jrelu import experiment
+from jrelu import parallel
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def prog_name() -> str:
-  """The running binary's file name, e.g. ``reproduce.py``."""
-  return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "benchmark"
+# The name error lines start with, e.g. "benchmarks.reproduce"; set by run_main.
+_prog = "benchmarks"
 
 
 def fail(message: str, status: int = 2):
-  """Prints ``NAME.py: error: message`` on stderr and exits with ``status``; no traceback."""
-  sys.stderr.write(f"{prog_name()}: error: {message}\n")
+  """Prints ``PROG: error: message`` on stderr and exits with ``status``; no traceback.
+
+  ``PROG`` is the binary's module name given to :func:`run_main`.
+
+  Raises:
+    SystemExit: always, with ``status``.
+  """
+  sys.stderr.write(f"{_prog}: error: {message}\n")
   sys.stderr.flush()
   sys.exit(status)
 
 
-def _parse_flags(argv):
-  """absl flag parsing that reports a bad flag or a stray argument in one line (exit 2)."""
+def parse_flags(argv):
+  """absl flag parsing that reports a bad flag or a stray argument in one line (exit 2).
+
+  Args:
+    argv: the command line, program name first.
+
+  Returns:
+    The remaining arguments (the program name only).
+
+  Raises:
+    SystemExit: with status 2 after one error line, for a bad flag or an argument.
+  """
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as e:
@@ -48,31 +66,19 @@ def _parse_flags(argv):
   return rest
 
 
-def run_main(main) -> None:
-  """``absl.app.run(main)`` with one-line flag errors and quiet JAX / matplotlib loggers."""
-  for noisy in ("jax._src.xla_bridge", "matplotlib"):
-    std_logging.getLogger(noisy).setLevel(std_logging.WARNING)
-  app.run(main, flags_parser=_parse_flags)
-
-
-def foreign_flags_present(module, allowed=()) -> list[str]:
-  """Names of flags defined by ``module`` that were given on the command line.
-
-  A benchmark that imports ``jrelu.train`` (for its Config) also gets its flags; this
-  lets it reject those it does not use instead of silently ignoring them.
+def run_main(main, prog: str) -> None:
+  """``absl.app.run(main)`` with one-line flag errors and quiet JAX / matplotlib loggers.
 
   Args:
-    module: the module object that defined the flags (e.g. ``jrelu.train``).
-    allowed: flag names the benchmark does use.
-
-  Returns:
-    Sorted names of present, not allowed flags (empty when none).
+    main: the absl main, ``main(argv)``.
+    prog: the binary's module name, e.g. ``"benchmarks.reproduce"``, the prefix of
+      :func:`fail`'s error lines.
   """
-  names = set()
-  for flag in flags.FLAGS.get_flags_for_module(module.__name__):
-    if flag.present and flag.name not in allowed:
-      names.add(flag.name)
-  return sorted(names)
+  global _prog
+  _prog = prog
+  for noisy in ("jax._src.xla_bridge", "matplotlib"):
+    std_logging.getLogger(noisy).setLevel(std_logging.WARNING)
+  app.run(main, flags_parser=parse_flags)
 
 
 def int_list(text: str, name: str) -> list[int]:
@@ -153,7 +159,6 @@ def llc_bytes() -> int:
 
 def machine_info() -> dict:
   """jax version, backend, device count, CPU model, cores and LLC bytes, for every JSON."""
-  import jax  # imported here so that torch-only helpers need not import JAX
   return {
       "jax_version": jax.__version__,
       "backend": jax.default_backend(),
@@ -296,34 +301,32 @@ def read_roofline(rows: int, dim: int, threads: int, repeats: int, array_bytes: 
 
 
 def pyplot():
-  """matplotlib.pyplot with the Agg backend, or None when matplotlib is missing."""
+  """matplotlib.pyplot with the Agg backend, or None when matplotlib is missing.
+
+  The one place the benchmarks import matplotlib (an optional dependency).
+  """
   try:
-    import matplotlib
+    import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
   return plt
 
 
-def json_safe(obj):
-  """``obj`` as strict JSON values: numpy scalars and arrays become Python, NaN/inf None.
-
-  A diverged training run reports a NaN relative error; JSON has no NaN.
-  """
-  if type(obj).__module__ == "numpy":
-    obj = obj.tolist() if hasattr(obj, "tolist") else obj
-  if isinstance(obj, float) and not math.isfinite(obj):
-    return None
-  if isinstance(obj, dict):
-    return {str(k): json_safe(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [json_safe(v) for v in obj]
-  return obj
-
 
 def make_outdir(path: str) -> str:
-  """Creates ``--outdir`` (and parents); a failure is one error line naming the flag."""
+  """Creates ``--outdir`` (and parents); a failure is one error line naming the flag.
+
+  Args:
+    path: the directory.
+
+  Returns:
+    ``path``.
+
+  Raises:
+    SystemExit: with status 2 after one error line when it cannot be created.
+  """
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
@@ -332,34 +335,34 @@ def make_outdir(path: str) -> str:
 
 
 def setup_devices(num_devices):
-  """``jrelu.parallel.setup_devices`` with a bad ``--num_devices`` as one error line."""
-  from jrelu import parallel
+  """``jrelu.parallel.setup_devices`` with a bad ``--num_devices`` as one error line.
+
+  Args:
+    num_devices: N, or None for all accelerators or 8 simulated CPU devices.
+
+  Returns:
+    The list of devices.
+
+  Raises:
+    SystemExit: with status 2 after one error line naming ``--num_devices``.
+  """
   try:
     return parallel.setup_devices(num_devices)
   except ValueError as e:
     fail(f"flag --num_devices={num_devices}: {e}")
 
 
-def write_json(path: str, obj) -> None:
-  """Writes ``obj`` as indented strict JSON (see :func:`json_safe`), atomically."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(json_safe(obj), f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
-
 
 def print_json_line(obj) -> None:
-  """Prints the binary's one JSON line on stdout (strict JSON, see :func:`json_safe`)."""
-  sys.stdout.write(json.dumps(json_safe(obj), sort_keys=True) + "\n")
+  """Prints the binary's one JSON line on stdout (strict JSON: NaN and inf become null).
+
+  Args:
+    obj: the result, JSON values (``jrelu.experiment.json_safe`` replaces NaN and inf).
+
+  Raises:
+    TypeError: for a value JSON cannot hold (convert NumPy values with ``float``/``int``).
+  """
+  sys.stdout.write(json.dumps(experiment.json_safe(obj), sort_keys=True, allow_nan=False)
+                   + "\n")
   sys.stdout.flush()
 
-
-class Timer:
-  """Wall-clock seconds since construction (``elapsed()``)."""
-
-  def __init__(self):
-    self._start = time.perf_counter()
-
-  def elapsed(self) -> float:
-    return time.perf_counter() - self._start

@@ -10,11 +10,11 @@ n = 4000, global batch 1024):
   reaches its threshold (1e-4; 1e-2 for unscaled majority-vote signSGD and Signum): steps,
   bits per step and bits to the threshold.
 
-    python benchmarks/compressors.py --outdir=runs/compressors
-    python benchmarks/compressors.py --sections=wire --quick
+    python -m benchmarks.compressors --outdir=runs/compressors
+    python -m benchmarks.compressors --sections=wire --quick
 
 Ends by printing one JSON line; writes ``OUTDIR/summary.md`` (the README's tables) and
-``OUTDIR/bits_to_threshold.png``.
+``OUTDIR/bits_to_threshold.png``. Runs train through ``jrelu.experiment.run``.
 """
 
 from __future__ import annotations
@@ -22,16 +22,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
+from absl import logging
+import jax
 
-from absl import flags  # noqa: E402
-from absl import logging  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from jrelu import train  # noqa: E402  (defines --seed, which this binary uses)
+from benchmarks import common
+from jrelu import aggregation
+from jrelu import experiment
+from jrelu import parallel
+from jrelu import planted
+from jrelu import sampling
+from jrelu import wire
 
 SECTIONS = ("wire", "convergence")
 
@@ -40,8 +43,10 @@ _SECTIONS = flags.DEFINE_multi_enum("sections", list(SECTIONS), list(SECTIONS),
                                     "Which sections to run.")
 _QUICK = flags.DEFINE_bool("quick", False, "Wire bits at 8 devices only and no training "
                            "(about a minute).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of data, initialization and compression noise.",
+                             lower_bound=0)
 
-# (row name, train.Config overrides, threshold). The flags of each row are what README
+# (row name, jrelu.experiment.Config overrides, threshold). The flags of each row are what README
 # quotes: `python -m jrelu.train --FLAG=VALUE ...`.
 METHODS = [
     ("float32 SGD", dict(compressor="none", aggregation="psum", learning_rate=0.5), 1e-4),
@@ -84,7 +89,14 @@ WIRE_CODECS = [
 
 
 def flags_of(overrides: dict) -> str:
-  """The ``jrelu.train`` command-line flags of a METHODS row."""
+  """The ``jrelu.train`` command-line flags of a METHODS row (its Config overrides).
+
+  Args:
+    overrides: ``jrelu.experiment.Config`` fields and values.
+
+  Returns:
+    ``"--name=value ..."`` (``--name`` / ``--noname`` for booleans).
+  """
   out = []
   for name, value in overrides.items():
     if isinstance(value, bool):
@@ -95,40 +107,55 @@ def flags_of(overrides: dict) -> str:
 
 
 def run_dir(outdir: str, name: str) -> str:
-  """The training workdir of the METHODS row ``name``."""
+  """The training workdir of the METHODS row ``name``: ``OUTDIR/runs/SLUG``."""
   slug = "".join(c if c.isalnum() or c in "=." else "_" for c in name)
   return os.path.join(outdir, "runs", slug)
 
 
-def measure_wire(config, devices) -> float:
-  """Bits one device sends per step of ``config``'s training step (from its HLO)."""
-  import jax
-  from jrelu import parallel, planted, wire
-  compressor = train.make_compressor(config, len(devices))
+def measure_wire(config: experiment.Config, devices) -> float:
+  """Bits one device sends per step of ``config``'s training step (from its HLO).
+
+  Args:
+    config: the method (compressor, aggregation, dim, batch size, seed).
+    devices: the N devices the step is compiled for.
+
+  Returns:
+    ``jrelu.wire.measure(...).sent_bits`` of the ``pmap`` step.
+  """
   key = jax.random.key(config.seed)
   w_star = planted.sample_w_star(key, config.dim)
   dataset = planted.sample_dataset(key, w_star, config.batch_size)
-  tx = train.make_tx(config, compressor, key)
-  step = parallel.make_step(planted.loss, planted.make_batch_fn(config.batch_size), tx,
+  tx = experiment.make_tx(config, key, len(devices))
+  step = parallel.make_step(planted.loss, sampling.make_batch_fn(config.batch_size), tx,
                             metrics_fn=planted.metrics_fn)
-  state = parallel.init_state(planted.init_params("zeros", key, dataset), tx)
+  state = parallel.init_state(planted.init_params(key, (dataset, w_star), "zeros"), tx)
   inputs = parallel.replicate((state, (dataset, w_star), key), devices)
   return wire.measure(parallel.wrap("pmap", step, devices), *inputs).sent_bits
 
 
-def wire_section(device_counts):
-  """Measured bits per step per device for every codec x aggregation x device count."""
-  import jax
-  from jrelu import aggregation
+def wire_section(device_counts, seed: int = 0):
+  """Measured bits per step per device for every codec x aggregation x device count.
+
+  Args:
+    device_counts: the N to compile the step for (at most ``jax.device_count()``).
+    seed: the Config's seed (data and compression key).
+
+  Returns:
+    One row per (codec, aggregation): ``{"codec", "aggregation", "bits_N_devices",
+    "ratio_N_devices"}`` for each N, the ratio being float32 all-reduce bits / bits.
+
+  Raises:
+    RuntimeError: when the HLO count differs from ``jrelu.aggregation.wire_bits``.
+  """
   rows = []
   for name, overrides in WIRE_CODECS:
-    base = train.Config(**overrides)
-    for strategy in aggregation.supported(train.make_compressor(base)):
+    base = experiment.Config(**overrides, seed=seed)
+    for strategy in aggregation.supported(experiment.make_codec(base, 1)):
       row = {"codec": name, "aggregation": strategy}
       for n in device_counts:
         config = dataclasses.replace(base, aggregation=strategy)
         bits = measure_wire(config, jax.devices()[:n])
-        predicted = aggregation.wire_bits(strategy, train.make_compressor(config, n),
+        predicted = aggregation.wire_bits(strategy, experiment.make_codec(config, n),
                                           (config.dim,), n)
         if abs(bits - predicted) > 1e-6 * max(1.0, predicted):
           raise RuntimeError(f"{name} {strategy} N={n}: HLO {bits} != formula {predicted}")
@@ -141,17 +168,26 @@ def wire_section(device_counts):
   return rows
 
 
-def convergence_section(outdir, seed, devices):
-  """Trains every METHODS row to its threshold; returns one result dict per row."""
+def convergence_section(outdir: str, seed: int, devices):
+  """Trains every METHODS row to its threshold with ``jrelu.experiment.run``.
+
+  Args:
+    outdir: runs go to :func:`run_dir`.
+    seed: the Config's seed.
+    devices: the devices to train on.
+
+  Returns:
+    One result dict per row (steps and bits to the threshold, ratio to float32 SGD).
+  """
   rows = []
   for name, overrides, threshold in METHODS:
     workdir = run_dir(outdir, name)
-    config = train.Config(**overrides, num_steps=6000, target_relative_error=threshold,
-                          log_every=50, seed=seed, workdir=workdir)
+    config = experiment.Config(**overrides, num_steps=6000, target_relative_error=threshold,
+                               log_every=50, seed=seed)
     start = time.perf_counter()
     try:
-      summary = train.train(config, devices)
-    except train.DivergedError as e:
+      summary = experiment.run(config, workdir, devices=devices)
+    except experiment.DivergedError as e:
       summary = {"status": "diverged", "steps_to_target": None, "relative_error": None,
                  "wire_bits_per_step_per_device": None, "compression_ratio": None,
                  "diverged_at_step": e.step}
@@ -177,7 +213,16 @@ def convergence_section(outdir, seed, devices):
 
 
 def markdown(wire_rows, convergence_rows, device_counts) -> str:
-  """The README tables."""
+  """The README tables of ``OUTDIR/summary.md``.
+
+  Args:
+    wire_rows: :func:`wire_section`'s rows (may be empty).
+    convergence_rows: :func:`convergence_section`'s rows (may be empty).
+    device_counts: the N of the wire table's columns.
+
+  Returns:
+    Markdown text.
+  """
   lines = []
   if wire_rows:
     head = " | ".join(f"N={n}" for n in device_counts)
@@ -207,10 +252,17 @@ def markdown(wire_rows, convergence_rows, device_counts) -> str:
 
 
 def plot(convergence_rows, outdir):
-  """Relative error against Mbit sent per device, one line per METHODS row."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  """Relative error against Mbit sent per device, one line per METHODS row.
+
+  Writes ``OUTDIR/bits_to_threshold.png``; nothing when matplotlib is not installed.
+
+  Args:
+    convergence_rows: :func:`convergence_section`'s rows.
+    outdir: the output directory.
+  """
+  plt = common.pyplot()
+  if plt is None:
+    return
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for r in convergence_rows:
     if not os.path.exists(r["metrics_path"]):
@@ -229,19 +281,16 @@ def plot(convergence_rows, outdir):
 
 
 def main(argv):
+  """absl main: flags -> sections; writes summary.md and prints one JSON line."""
   del argv
-  foreign = common.foreign_flags_present(train, allowed=("seed",))
-  if foreign:
-    common.fail(f"flag --{foreign[0]} is not used by this benchmark (only --seed of "
-                "jrelu.train is)")
   devices = common.setup_devices(8)
   common.make_outdir(_OUTDIR.value)
   device_counts = (8,) if _QUICK.value else (2, 4, 8)
   start = time.perf_counter()
-  wire_rows = wire_section(device_counts) if "wire" in _SECTIONS.value else []
+  wire_rows = wire_section(device_counts, _SEED.value) if "wire" in _SECTIONS.value else []
   convergence_rows = []
   if "convergence" in _SECTIONS.value and not _QUICK.value:
-    convergence_rows = convergence_section(_OUTDIR.value, flags.FLAGS.seed, devices)
+    convergence_rows = convergence_section(_OUTDIR.value, _SEED.value, devices)
     plot(convergence_rows, _OUTDIR.value)
   with open(os.path.join(_OUTDIR.value, "summary.md"), "w") as f:
     f.write(markdown(wire_rows, convergence_rows, device_counts))
@@ -253,4 +302,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  common.run_main(main)
+  common.run_main(main, "benchmarks.compressors")

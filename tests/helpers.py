@@ -85,14 +85,23 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def run_script(script, *flags, cwd, timeout=600):
   """Runs ``python SCRIPT FLAGS`` in a subprocess with the repository importable."""
+  return _run_python(str(script), *flags, cwd=cwd, timeout=timeout)
+
+
+def run_module(module, *flags, cwd, timeout=600):
+  """Runs ``python -m MODULE FLAGS`` (e.g. ``benchmarks.reproduce``), repository importable."""
+  return _run_python("-m", module, *flags, cwd=cwd, timeout=timeout)
+
+
+def _run_python(*args, cwd, timeout):
   env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  return subprocess.run([sys.executable, str(script), *flags], cwd=cwd, env=env,
+  return subprocess.run([sys.executable, *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
 
-def run_benchmark(script, *flags, cwd, timeout=600):
-  """Runs a benchmark binary; asserts it succeeded and printed one JSON line; returns it."""
-  result = run_script(script, *flags, cwd=cwd, timeout=timeout)
+def run_benchmark(module, *flags, cwd, timeout=600):
+  """Runs ``python -m MODULE FLAGS``; asserts it succeeded and printed one JSON line; returns it."""
+  result = run_module(module, *flags, cwd=cwd, timeout=timeout)
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.splitlines()
   assert len(lines) == 1, result.stdout

@@ -1,4 +1,4 @@
-"""Smoke test of ``benchmarks/reproduce.py``: tiny settings, one JSON line, its fields.
+"""Smoke test of ``python -m benchmarks.reproduce``: tiny settings, one JSON line, its fields.
 
 Not a timed test: it only checks that every section runs end to end and reports what the
 benchmark promises, plus the one-line errors for bad flags.
@@ -11,8 +11,7 @@ import pytest
 
 import helpers
 
-REPO = helpers.REPO
-SCRIPT = REPO / "benchmarks" / "reproduce.py"
+MODULE = "benchmarks.reproduce"
 TINY = ["--quick", "--phase_dims=6", "--phase_ratios=2,5", "--phase_trials=2",
         "--phase_iters=100", "--dim=20", "--num_samples=160", "--batch_size=32",
         "--num_steps=300", "--methods=sgd,qsgd_s4", "--learning_rates=0.4",
@@ -20,11 +19,11 @@ TINY = ["--quick", "--phase_dims=6", "--phase_ratios=2,5", "--phase_trials=2",
 
 
 def run(*flags, cwd):
-  return helpers.run_script(SCRIPT, *flags, cwd=cwd)
+  return helpers.run_module(MODULE, *flags, cwd=cwd)
 
 
 def test_tiny_run_prints_one_json_line_with_every_section(tmp_path):
-  out = helpers.run_benchmark(SCRIPT, *TINY, f"--outdir={tmp_path}", cwd=tmp_path)
+  out = helpers.run_benchmark(MODULE, *TINY, f"--outdir={tmp_path}", cwd=tmp_path)
   for key in ("jax_version", "backend", "device_count", "cpu_model", "cpu_cores",
               "num_devices", "quick", "sections", "seed", "runtime_seconds",
               "section_seconds", "summary_md", "plots", "training"):
@@ -78,12 +77,14 @@ def test_tiny_run_prints_one_json_line_with_every_section(tmp_path):
     ("--sections=phase_transition,bogus", "--sections"),
     ("--phase_ratios=1,x", "--phase_ratios"),
     ("--methods=qsgd_s3", "--methods"),
-    ("--learning_rate=0.1", "--learning_rate"),  # a jrelu.train flag it sets per method
+    ("--learning_rate=0.1", "learning_rate"),  # a jrelu.train flag, not one of its own
+    ("--batch_size=5000", "--batch_size"),  # larger than --num_samples
 ])
 def test_bad_flag_is_one_line_without_traceback(tmp_path, flag, name):
   result = run(flag, f"--outdir={tmp_path}", cwd=tmp_path)
   assert result.returncode == 2
   assert result.stdout == ""
   assert "Traceback" not in result.stderr
-  errors = [l for l in result.stderr.splitlines() if l.startswith("reproduce.py: error:")]
+  errors = [l for l in result.stderr.splitlines()
+            if l.startswith("benchmarks.reproduce: error:")]
   assert len(errors) == 1 and name in errors[0], result.stderr

@@ -1,4 +1,4 @@
-"""Smoke test of ``benchmarks/step_throughput.py``: tiny settings, one JSON line, its fields.
+"""Smoke test of ``python -m benchmarks.step_throughput``: tiny settings, one JSON line.
 
 Not a timed test: it checks that every section runs end to end (PyTorch peers skipped) and
 reports what the benchmark promises, and that bad flags give one line and exit status 2.
@@ -11,8 +11,7 @@ import pytest
 
 import helpers
 
-REPO = helpers.REPO
-SCRIPT = REPO / "benchmarks" / "step_throughput.py"
+MODULE = "benchmarks.step_throughput"
 # float32 rows only (a QSGD step takes seconds to compile); the scale section runs QSGD.
 TINY = ["--quick", "--skip_torch", "--methods=none", "--sweep_method=none",
         "--num_devices=2", "--dim=16",
@@ -23,11 +22,11 @@ TINY = ["--quick", "--skip_torch", "--methods=none", "--sweep_method=none",
 
 
 def run(*flags, cwd):
-  return helpers.run_script(SCRIPT, *flags, cwd=cwd)
+  return helpers.run_module(MODULE, *flags, cwd=cwd)
 
 
 def test_tiny_run_prints_one_json_line_with_every_section(tmp_path):
-  out = helpers.run_benchmark(SCRIPT, *TINY, f"--outdir={tmp_path}", cwd=tmp_path)
+  out = helpers.run_benchmark(MODULE, *TINY, f"--outdir={tmp_path}", cwd=tmp_path)
   for key in ("jax_version", "backend", "device_count", "cpu_model", "cpu_cores",
               "llc_bytes", "config", "methods", "roofline", "step", "torch", "ratios",
               "targets", "sweep", "kernels", "scale", "plots", "summary_md",
@@ -87,5 +86,5 @@ def test_bad_flag_is_one_line_without_traceback(tmp_path, flag, name):
   assert result.stdout == ""
   assert "Traceback" not in result.stderr
   errors = [l for l in result.stderr.splitlines()
-            if l.startswith("step_throughput.py: error:")]
+            if l.startswith("benchmarks.step_throughput: error:")]
   assert len(errors) == 1 and name in errors[0], result.stderr
