@@ -386,7 +386,16 @@ def describe(config: Config) -> str:
 
 
 def json_safe(obj):
-  """``obj`` with NaN and infinities replaced by None, so that it is strict JSON."""
+  """``obj`` with NaN and infinities replaced by None, so that it is strict JSON.
+
+  NumPy scalars become Python numbers; tuples become lists.
+
+  Example:
+    >>> json_safe({"a": float("nan"), "b": np.float32(2.0)})
+    {'a': None, 'b': 2.0}
+  """
+  if isinstance(obj, np.generic):
+    obj = obj.item()
   if isinstance(obj, float) and not math.isfinite(obj):
     return None
   if isinstance(obj, dict):
