@@ -75,7 +75,10 @@ def test_last_chunk_may_be_shorter_and_target_zero_never_stops(tmp_path):
   records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert records == seen  # every callback sees exactly the lines written
   assert [r["step"] for r in records] == [10, 20, 25]
+  # Exactly 1.0: the init is zeros, and ||0 - w|| / ||w|| divides two identical float32
+  # norms (negation is exact). The JSON round trip of a float is exact (repr).
   assert records[-1]["relative_error"] < summary["initial_relative_error"] == 1.0
+  # Exact: run() writes steps * sent_bits, the same float64 product as below.
   assert records[-1]["cumulative_wire_bits_per_device"] == (
       25 * summary["wire_bits_per_step_per_device"])
   on_disk = json.loads((tmp_path / "summary.json").read_text())
@@ -96,7 +99,8 @@ def test_powersgd_summary_records_no_aggregation(tmp_path):
   config = experiment.Config(**TINY, compressor="powersgd", num_steps=2, log_every=2)
   summary = experiment.run(config, str(tmp_path), devices=jax.devices()[:DEVICES])
   assert summary["aggregation"] is None and summary["rank"] == 1
-  # A vector passes through: PowerSGD's all-reduce of the float32 gradient.
+  # A vector passes through: PowerSGD's all-reduce of the float32 gradient. Exact: both
+  # are 2 (N-1)/N * 32 d = 1.75 * 640 bits, a dyadic product with no rounding.
   assert summary["wire_bits_per_step_per_device"] == summary["float32_wire_bits"]
 
 

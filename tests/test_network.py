@@ -17,6 +17,8 @@ from jrelu import network
 from jrelu import planted
 from jrelu import sampling
 
+U = 2.0 ** -24  # float32 unit roundoff
+
 
 def numpy_forward(params, x):
   """float64 reference: z = x W^T + b, a = ReLU(z), f = a @ output."""
@@ -47,8 +49,11 @@ def test_init_rejects_bad_scale(bad):
 def test_sample_teacher():
   teacher = network.sample_teacher(jax.random.key(1), 20, 4)
   assert teacher.shape == (4, 20) and teacher.dtype == jnp.float32
+  # Rows w / ||w|| in float32 (d = 20), measured in float64: the float32 norm rounds by
+  # <= (d/2 + 1) u and the division by u, so | ||row|| - 1 | <= (d/2 + 2) u = 7e-7;
+  # 1e-6 leaves 1.4x margin.
   np.testing.assert_allclose(np.linalg.norm(np.asarray(teacher, np.float64), axis=1), 1.0,
-                             rtol=1e-6)
+                             rtol=1e-6, atol=0)
   np.testing.assert_array_equal(teacher, network.sample_teacher(jax.random.key(1), 20, 4))
   assert not np.allclose(teacher[0], teacher[1])
 
@@ -61,8 +66,14 @@ def test_sample_dataset_is_the_teacher_network():
   assert data.x.dtype == jnp.float32 and data.y.dtype == jnp.float32
   expected = np.maximum(np.asarray(data.x, np.float64) @ np.asarray(teacher, np.float64).T,
                         0).sum(1)
-  np.testing.assert_allclose(np.asarray(data.y), expected, rtol=1e-5, atol=1e-6)
-  # Realizable: the teacher's own parameters fit it with zero loss.
+  # y_i = sum_k ReLU(<w_k, x_i>) in float32: d = 20-term dots, then K = 4 terms summed, so
+  # |error_i| <= (d + K) u sum_k |w_k| |x_i| (was rtol=1e-5, atol=1e-6: no derivation).
+  x64 = np.asarray(data.x, np.float64)
+  bound = (20 + 4) * U * (np.abs(x64) @ np.abs(np.asarray(teacher, np.float64)).T).sum(1)
+  error = np.abs(np.asarray(data.y, np.float64) - expected)
+  assert np.all(error <= bound), (error / bound).max()
+  # Realizable: the teacher's own parameters fit it with zero loss. Exactly 0: y was made
+  # by predict(teacher_params(teacher), x), the same eager ops on the same operands.
   params = network.teacher_params(teacher)
   assert float(network.loss(params, data.x, data.y)) == 0.0
   assert float(network.prediction_error(params, data)) == 0.0
@@ -112,11 +123,30 @@ def test_loss_and_gradients_match_hand_formulas():
   r = f - np.asarray(y, np.float64)
   o = np.asarray(params["output"], np.float64)
   s = (1 + np.sign(z)) / 2
-  np.testing.assert_allclose(float(loss), 0.5 * np.mean(r * r), rtol=1e-5)
-  np.testing.assert_allclose(grads["output"], r @ np.maximum(z, 0) / m, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(grads["bias"], o * (r @ s) / m, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(grads["hidden"], o[:, None] * ((s * r[:, None]).T @ np.asarray(
-      x, np.float64)) / m, rtol=1e-4, atol=1e-6)
+  # Float32 (jit) against float64, first-order rounding bounds per entry (no cancellation
+  # assumed, so they hold on coordinates whose sums cancel, where rtol alone would not):
+  # z = x W^T + b is a (d + 1)-term sum, |dz| <= (d + 1) u c with c = |x| |W|^T + |b|;
+  # f = a o a K-term sum, r = f - y one more rounding:
+  # |dr| <= u [(d + 1) c |o| + (K + 1) (|a| |o| + |y|)]. The sums over the m rows round by
+  # <= (m + 4) u (terms, the 1/m, 1/2 and o_j factors).
+  x64, a = np.asarray(x, np.float64), np.maximum(z, 0)
+  c = np.abs(x64) @ np.abs(np.asarray(params["hidden"], np.float64)).T + np.abs(
+      np.asarray(params["bias"], np.float64))
+  dr = U * ((dim + 1) * c @ np.abs(o) + (num_hidden + 1) * (a @ np.abs(o) + np.abs(
+      np.asarray(y, np.float64))))
+  dz = (dim + 1) * U * c
+  ar = np.abs(r)
+
+  def check(actual, expected, bound):
+    error = np.abs(np.asarray(actual, np.float64) - expected)
+    assert np.all(error <= bound), (error / bound).max()
+
+  check(loss, 0.5 * np.mean(r * r), np.mean(ar * dr) + (m + 4) * U * 0.5 * np.mean(r * r))
+  check(grads["output"], r @ a / m, (dr @ a + ar @ dz + (m + 4) * U * ar @ a) / m)
+  check(grads["bias"], o * (r @ s) / m, np.abs(o) * (dr @ s + (m + 4) * U * ar @ s) / m)
+  check(grads["hidden"], o[:, None] * ((s * r[:, None]).T @ x64) / m,
+        np.abs(o)[:, None] * ((s * dr[:, None]).T @ np.abs(x64)
+                              + (m + 4) * U * (s * ar[:, None]).T @ np.abs(x64)) / m)
 
 
 def test_relu_derivative_is_half_at_zero():
@@ -128,8 +158,14 @@ def test_relu_derivative_is_half_at_zero():
   assert np.all(np.asarray(params["hidden"]) == 0)
   grads = jax.grad(network.loss)(params, data.x, data.y)
   expected = -(np.asarray(data.x, np.float64).T @ np.asarray(data.y, np.float64)) / (2 * 128)
+  # At z = 0 the residual is -y exactly, so row j is a 128-term float32 dot product (plus
+  # the 1/m, 1/2, o_j = 1 factors): |error| <= (128 + 4) u sum_i |x_i| |y_i| / 256 per
+  # entry (was rtol=1e-5, atol=1e-7, tighter than that on cancelling entries).
+  bound = (128 + 4) * U * (np.abs(np.asarray(data.x, np.float64)).T
+                           @ np.abs(np.asarray(data.y, np.float64))) / (2 * 128)
   for j in range(3):
-    np.testing.assert_allclose(grads["hidden"][j], expected, rtol=1e-5, atol=1e-7)
+    error = np.abs(np.asarray(grads["hidden"][j], np.float64) - expected)
+    assert np.all(error <= bound), (j, (error / bound).max())
 
 
 def test_init_params():
