@@ -21,7 +21,7 @@ from hypothesis.extra import numpy as hnp
 
 from jrelu import compressors
 from jrelu.compressors import bitpack
-from jrelu.compressors._top_k import kept_count
+from jrelu.compressors._sparse import kept_count
 
 
 def make_vector(shape, seed, kind="generic"):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jrelu.compressors import base
-from jrelu.compressors._top_k import kept_count, validate_k_or_fraction
+from jrelu.compressors._sparse import kept_count, validate_k_or_fraction
 
 
 def sample_indices(index_key: jax.Array, size: int, k: int) -> jax.Array:
@@ -98,7 +98,7 @@ class RandK(base.Compressor):
     self.common_key = None
 
   def num_kept(self, shape) -> int:
-    """Coordinates kept for an input of ``shape`` (see ``_top_k.kept_count``)."""
+    """Coordinates kept for an input of ``shape`` (see ``_sparse.kept_count``)."""
     return kept_count(self.k, self.fraction, base.num_elements(shape))
 
   def bind(self, common_key):
