@@ -63,7 +63,6 @@ class TopK(base.Compressor):
 
   name = "top_k"
   unbiased = False
-  commutes_with_sum = False
 
   def __init__(self, k: int | None = None, fraction: float | None = None):
     self.k, self.fraction = validate_k_or_fraction(k, fraction)
