@@ -267,7 +267,7 @@ def wire_bits(strategy: str, compressor: base.Compressor, shape, num_devices: in
 
   Raises:
     ValueError: if ``strategy`` is unknown or unfit for ``compressor``, or
-      ``num_devices < 1``.
+      ``num_devices`` is not an integer >= 1.
 
   Example:
     >>> wire_bits("two_phase", qsgd(1), (1000,), 8)   # vs 56000 for float32 psum

@@ -229,7 +229,7 @@ def signum(beta: float = 0.9, *, key, axis_name: str | None = None,
     An ``optax.GradientTransformation``.
 
   Raises:
-    ValueError: if ``beta`` is outside ``[0, 1)``.
+    ValueError: if ``beta`` is not a finite number in ``[0, 1)``.
 
   Example:
     >>> tx = optax.chain(signum(0.9, key=jax.random.key(0), axis_name="data"),
