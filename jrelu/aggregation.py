@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jrelu import _checks
 from jrelu.compressors import base
 from jrelu.compressors import bitpack
 
@@ -67,8 +68,7 @@ def check_strategy(strategy: str, compressor: base.Compressor | None = None) -> 
       cannot use it (``majority_vote`` needs the unscaled sign codec, ``integer_psum`` a
       shared-scale integer codec).
   """
-  if strategy not in STRATEGIES:
-    raise ValueError(f"aggregation must be one of {STRATEGIES}, got {strategy!r}")
+  _checks.choice("aggregation", strategy, STRATEGIES)
   if compressor is not None:
     if strategy == "majority_vote" and not compressor.majority_vote:
       raise ValueError(f"aggregation 'majority_vote' needs a sign codec without scale "
@@ -267,15 +267,13 @@ def wire_bits(strategy: str, compressor: base.Compressor, shape, num_devices: in
 
   Raises:
     ValueError: if ``strategy`` is unknown or unfit for ``compressor``, or
-      ``num_devices < 1``.
+      ``num_devices`` is not an integer >= 1.
 
   Example:
     >>> wire_bits("two_phase", qsgd(1), (1000,), 8)   # vs 56000 for float32 psum
     4032
   """
-  if num_devices < 1:
-    raise ValueError(f"num_devices must be >= 1, got {num_devices!r}")
-  n = num_devices
+  n = _checks.integer("num_devices", num_devices)
   d = base.num_elements(shape)
   if strategy == "psum":
     return 2 * (n - 1) / n * 32 * d

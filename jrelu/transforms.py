@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jrelu import _checks
 from jrelu import aggregation as aggregation_lib
 from jrelu import compressors
 
@@ -228,7 +229,7 @@ def signum(beta: float = 0.9, *, key, axis_name: str | None = None,
     An ``optax.GradientTransformation``.
 
   Raises:
-    ValueError: if ``beta`` is outside ``[0, 1)``.
+    ValueError: if ``beta`` is not a finite number in ``[0, 1)``.
 
   Example:
     >>> tx = optax.chain(signum(0.9, key=jax.random.key(0), axis_name="data"),
@@ -240,8 +241,7 @@ def signum(beta: float = 0.9, *, key, axis_name: str | None = None,
     Anandkumar, "signSGD with Majority Vote is Communication Efficient and Fault
     Tolerant", ICLR 2019, arXiv 1810.05291.
   """
-  if not 0 <= beta < 1:
-    raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+  beta = _checks.number("beta", beta, low=0.0, high=1.0, high_open=True)
   return optax.chain(
       optax.ema(beta, debias=False),
       compress(compressors.sign(), key=key, axis_name=axis_name, aggregation=aggregation))

@@ -149,7 +149,7 @@ def test_strategy_must_fit_the_codec():
 def test_unknown_strategy_is_rejected():
   with pytest.raises(ValueError, match="'ring'"):
     aggregation.check_strategy("ring")
-  with pytest.raises(ValueError, match="num_devices must be >= 1, got 0"):
+  with pytest.raises(ValueError, match="num_devices must be an integer >= 1, got 0"):
     aggregation.wire_bits("psum", None, (3,), 0)
 
 

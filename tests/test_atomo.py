@@ -95,8 +95,9 @@ def make_matrix(n, m, sigma, seed):
     ((10.0, 1.0, 1.0), 2, (1.0, 0.5, 0.5), 2.0),
     ((3.0, 3.0, 3.0, 3.0), 1, (0.25, 0.25, 0.25, 0.25), 108.0),
 ])
-def test_rt_a1_water_filling(lam, budget, expected_p, expected_extra):
-  # RT-A1 of ALGORITHMS.md. Every value is a dyadic rational, so float32 is exact.
+def test_water_filling_worked_examples(lam, budget, expected_p, expected_extra):
+  # Worked examples of ATOMO's water-filling (Wang et al., arXiv 1806.04090, Algorithm 1),
+  # computed by hand. Every value is a dyadic rational, so float32 is exact.
   p = np.asarray(water_filling(jnp.asarray(lam, jnp.float32), budget))
   np.testing.assert_array_equal(p, np.asarray(expected_p, np.float32))
   assert p.sum() == budget
@@ -526,7 +527,7 @@ def test_factory_rejects_bad_hyper_parameters(kwargs, bad):
 def test_factory_accepts_numpy_integers():
   c = compressors.atomo(np.int64(4), atoms="svd")
   assert c.budget == 4 and type(c.budget) is int and c.atoms == "svd"
-  assert isinstance(c, compressors.Atomo) and c.unbiased and not c.commutes_with_sum
+  assert isinstance(c, compressors.Atomo) and c.unbiased
   assert c.name == "atomo"
 
 

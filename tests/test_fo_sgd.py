@@ -149,10 +149,10 @@ def test_fwht_linear_and_involutive_property(log_size, seed, scale):
 
 
 # ----------------------------------------------------------------------------------------
-# RT-F1: the dithered one-bit quantizer.
+# The dithered one-bit quantizer: E[lam q] = u, Var[lam q] = lam^2 - u^2 for |u| <= lam.
 
 
-def test_dithered_sign_mean_and_variance_rt_f1():
+def test_dithered_sign_mean_and_variance():
   lam = 1.5
   inside = np.linspace(-lam, lam, 31)           # includes -lam, 0 and +lam
   outside = np.array([-10.0, -1.6, 1.6, 10.0])  # saturated
@@ -524,7 +524,7 @@ def test_factory_rejects_bad_dither_scale(bad):
 def test_registry_and_flags():
   c = compressors.REGISTRY["fo_sgd"]()
   assert isinstance(c, compressors.FOSGD) and c.name == "fo_sgd"
-  assert not c.unbiased and not c.commutes_with_sum and not c.integer_sum
+  assert not c.unbiased and not c.integer_sum
   assert compressors.fo_sgd(np.float32(1.5)).dither_scale == 1.5
 
 

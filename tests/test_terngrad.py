@@ -1,7 +1,8 @@
 """Exact and statistical tests of TernGrad (jrelu.compressors.terngrad).
 
 Wen et al., "TernGrad: Ternary Gradients to Reduce Communication in Distributed Deep
-Learning" (arXiv 1705.07878); ALGORITHMS.md section 4 and reproduction target RT-T1.
+Learning" (arXiv 1705.07878), with the scaler and clipping of the authors' code
+(github.com/wenwei202/terngrad), as specified in jrelu/compressors/_terngrad.py.
 
 Each coordinate's output is ``s * sign(g_k) * b_k`` with ``b_k ~ Bernoulli(p_k)``,
 ``p_k = |g_k| / s``: a two-point distribution, so the mean, the variance and the squared
@@ -81,7 +82,7 @@ def check_two_point_statistics(samples, target, s):
 
   For one coordinate with a = |target|, p = a / s and X in {0, s sign(target)}:
     * nonzero indicator ~ Bernoulli(p): mean p, variance p (1 - p);
-    * E X = target, Var X = a (s - a)  (RT-T1);
+    * E X = target, Var X = a (s - a) (the ternarization is unbiased);
     * Y = (X - target)^2 is a^2 w.p. 1 - p and (s - a)^2 w.p. p: E Y = a (s - a) and
       Var Y = p (1 - p) ((s - a)^2 - a^2)^2.
   The average of K iid draws of each has standard deviation sqrt(Var / K); we allow 6 of
@@ -120,10 +121,10 @@ def check_two_point_statistics(samples, target, s):
 
 
 # ----------------------------------------------------------------------------------------
-# RT-T1: probabilities, mean and variance, own and shared scaler.
+# Stochastic ternarization: probabilities, mean and variance, own and shared scaler.
 
 
-def test_rt_t1_own_scaler():
+def test_ternarization_statistics_own_scaler():
   v = make_vector(seed=0)
   s = float(np.max(np.abs(v)))
   c = compressors.terngrad()
@@ -132,7 +133,7 @@ def test_rt_t1_own_scaler():
 
 
 @pytest.mark.parametrize("factor", [1.0, 2.5])
-def test_rt_t1_shared_larger_scaler_stays_unbiased(factor):
+def test_ternarization_shared_larger_scaler_stays_unbiased(factor):
   # A shared scaler (the pmax over devices) >= this device's max|g| keeps p = |g| / s <= 1:
   # still unbiased, with the larger variance |g| (s - |g|) of the larger s. factor = 1 is
   # the own scaler through quantize/dequantize (the integer_psum path).
@@ -348,4 +349,4 @@ def test_factory_and_flags():
     assert not c.unbiased
   c = compressors.terngrad()
   assert c.name == "terngrad" and compressors.REGISTRY["terngrad"] is compressors.terngrad
-  assert not c.commutes_with_sum and not c.majority_vote and c.zero_preserving
+  assert not c.majority_vote

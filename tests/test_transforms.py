@@ -155,5 +155,5 @@ def test_signum_is_the_sign_of_the_momentum():
     out, state = tx.update(g, state)
     m = beta * m + (1 - beta) * np.asarray(g)
     np.testing.assert_array_equal(np.asarray(out), np.where(m < 0, -1.0, 1.0))
-  with pytest.raises(ValueError, match="beta must be in"):
+  with pytest.raises(ValueError, match=r"beta must be a finite number in \[0, 1\)"):
     transforms.signum(1.0, key=jax.random.key(0))

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jrelu import _checks
 from jrelu.compressors import base
 from jrelu.compressors import bitpack
 
@@ -48,12 +49,6 @@ ATOMS = ("auto", "entry", "svd")
 # Symbols of the entry-wise code, 2 bits each.
 _NOT_SENT, _PLUS_TAU, _MINUS_TAU, _SATURATED = 0, 1, 2, 3
 _SYMBOL_BITS = 2
-
-
-def _check_budget(budget) -> int:
-  if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
-    raise ValueError(f"budget must be an integer >= 1, got {budget!r}")
-  return int(budget)
 
 
 def _water_fill(magnitudes, budget: int):
@@ -128,7 +123,7 @@ def water_filling(magnitudes: jax.Array, budget: int) -> jax.Array:
     Wang et al., "ATOMO: Communication-efficient Learning via Atomic Sparsification",
     NeurIPS 2018, arXiv 1806.04090 (Algorithm 1).
   """
-  budget = _check_budget(budget)
+  budget = _checks.integer("budget", budget)
   magnitudes = jnp.asarray(magnitudes)
   if magnitudes.ndim != 1:
     raise ValueError(f"magnitudes must be 1-D, got shape {magnitudes.shape}")
@@ -249,13 +244,10 @@ class Atomo(base.Compressor):
 
   name = "atomo"
   unbiased = True
-  commutes_with_sum = False
 
   def __init__(self, budget: int, atoms: str = "auto"):
-    self.budget = _check_budget(budget)
-    if atoms not in ATOMS:
-      raise ValueError(f"atoms must be one of {ATOMS}, got {atoms!r}")
-    self.atoms = atoms
+    self.budget = _checks.integer("budget", budget)
+    self.atoms = _checks.choice("atoms", atoms, ATOMS)
 
   @staticmethod
   def matrix_shape(shape) -> tuple[int, int]:
@@ -309,7 +301,7 @@ class Atomo(base.Compressor):
     u, sigma, vt = jnp.linalg.svd(x.astype(jnp.float32).reshape(n, m), full_matrices=False)
     tolerance = sigma[0] * max(n, m) * jnp.finfo(jnp.float32).eps
     sigma = jnp.where(sigma > tolerance, sigma, 0.0)
-    p = _water_fill(sigma, self.budget)[0]
+    p = water_filling(sigma, self.budget)
     index, valid = systematic_sampling(key, p, slots)
     # sum p = min(budget, #nonzero sigma) = the number of atoms sent; a float32 excess of
     # sum p could let one more point in, so the count is enforced.

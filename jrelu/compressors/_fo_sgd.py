@@ -1,9 +1,10 @@
 """FO-SGD: flattened one-bit quantization with a uniform dither.
 
 Stollenwerk & Jacques, "Flattened one-bit stochastic gradient descent: compressed
-distributed optimization with controlled variance", arXiv 2405.11095 (2024). Only the
-abstract was reachable; the codec below is the reconstruction of ``ALGORITHMS.md`` section
-6.2 ([REC]), with the details that the abstract leaves open chosen as documented here.
+distributed optimization with controlled variance", arXiv 2405.11095 (2024). The codec
+follows the scheme the paper's abstract describes (randomized Hadamard flattening, then
+dithered one-bit quantization); the details it leaves open are chosen as stated below
+(marked "our choice"), so this docstring is the specification.
 
 For a gradient ``g`` with ``d`` coordinates (flattened), ``D = next_power_of_two(d)``:
 
@@ -17,13 +18,13 @@ For a gradient ``g`` with ``d`` coordinates (flattened), ``D = next_power_of_two
    -lam, lam)``, a bias.
 3. Send the ``D`` bits and ``lam`` (float32). Decode ``g_hat = (diag(eps) H_D lam q)[:d]``.
 
-Consequences (exact, conditional on ``eps``; derived here, [DER]): ``E[g_hat | eps] =
+Consequences (exact, conditional on ``eps``; derived here): ``E[g_hat | eps] =
 (diag(eps) H_D clip(u, -lam, lam))[:d]``, which is ``g`` when nothing saturates, and
 ``E[||g_hat - E[g_hat | eps]||^2 | eps] = (d / D) sum_i (lam^2 - clip(u_i, -lam, lam)^2)``
 (each decoded coordinate gets ``1/D`` of every ``H_D`` row's variance), which without
 saturation is ``(d / D) (D lam^2 - ||g||_2^2)``.
 
-Choices where the source is silent ([REC], standard reading):
+Choices where the paper's abstract is silent (our choice, the standard reading):
 
 * ``lam = ||g||_2 * min(1, dither_scale * sqrt(2 ln(2 D) / D))``: proportional to
   ``||g||_2 / sqrt(D)``, the flattened magnitude, with the logarithmic factor of the
@@ -35,8 +36,8 @@ Choices where the source is silent ([REC], standard reading):
   small. Capping at ``||g||_2`` is free: ``|u_i| <= ||u||_2 = ||g||_2`` always, so a larger
   range only adds variance. The range is data dependent and sent as one float32.
 * The dithers ``tau`` come from the encoder's private ``key`` and are not subtracted at
-  the decoder (the decoder needs only the bits and ``lam``); ``ALGORITHMS.md`` lists a
-  shared dither seed as a possibility, which would only matter for subtractive dithering.
+  the decoder (the decoder needs only the bits and ``lam``); a dither seed shared with
+  the decoder would only matter for subtractive dithering, which this codec does not do.
 * The signs ``eps`` are common randomness (see ``base.Compressor.bind``). Unbound, the code
   carries a uint32 seed drawn from ``key`` and ``eps`` is regenerated from
   ``jax.random.key(seed)``; bound, ``eps`` comes from the common key and is not sent.
@@ -54,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jrelu import _checks
 from jrelu.compressors import base
 from jrelu.compressors import bitpack
 from jrelu.compressors import hadamard
@@ -181,13 +183,9 @@ class FOSGD(base.Compressor):
 
   name = "fo_sgd"
   unbiased = False
-  commutes_with_sum = False
 
   def __init__(self, dither_scale: float = 1.0, common_key: jax.Array | None = None):
-    if (isinstance(dither_scale, bool)
-        or not isinstance(dither_scale, (int, float, np.integer, np.floating))
-        or not math.isfinite(dither_scale) or dither_scale <= 0):
-      raise ValueError(f"dither_scale must be a finite number > 0, got {dither_scale!r}")
+    dither_scale = _checks.number("dither_scale", dither_scale, low=0.0, low_open=True)
     if common_key is not None and not isinstance(common_key, jax.Array):
       raise ValueError(f"common_key must be a JAX PRNG key array, got {common_key!r}")
     self.dither_scale = float(dither_scale)
@@ -223,7 +221,7 @@ class FOSGD(base.Compressor):
       padded_size: ``D``, the power of two the gradient is padded to.
 
     Returns:
-      ``min(1, dither_scale * sqrt(2 ln(2 D) / D))`` as a Python float ([REC] rule, see the
+      ``min(1, dither_scale * sqrt(2 ln(2 D) / D))`` as a Python float (our choice of rule, see the
       module docstring).
 
     Example:
@@ -301,7 +299,7 @@ def fo_sgd(dither_scale: float = 1.0) -> FOSGD:
 
   Args:
     dither_scale: ``c > 0`` in the dither range rule ``lam = ||g||_2 min(1, c sqrt(2 ln(2
-      D) / D))`` ([REC], see the module docstring). Larger ``c`` makes saturation (bias)
+      D) / D))`` (our choice, see the module docstring). Larger ``c`` makes saturation (bias)
       rarer, at most ``(2 D)^(1 - c^2)`` likely, and raises the variance
       ``(d / D)(D lam^2 - ||g||^2) = (d / D)(2 c^2 ln(2 D) - 1) ||g||^2``. The default
       1.0 puts ``lam`` at the typical maximum of ``|u_i|``: about 0.1 saturated coordinates

@@ -37,7 +37,6 @@ class Identity(base.Compressor):
 
   name = "none"
   unbiased = True
-  commutes_with_sum = True
 
   def encode(self, key, x):
     del key  # deterministic

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jrelu import _checks
 from jrelu.compressors import base
 from jrelu.compressors import bitpack
 
@@ -61,22 +62,12 @@ class QSGD(base.Compressor):
 
   name = "qsgd"
   unbiased = True
-  commutes_with_sum = False
   integer_sum = True
 
   def __init__(self, num_levels: int, bucket_size: int | None = None, norm: str = "l2"):
-    if isinstance(num_levels, bool) or not isinstance(num_levels, (int, np.integer)) \
-        or num_levels < 1:
-      raise ValueError(f"num_levels must be an integer >= 1, got {num_levels!r}")
-    if bucket_size is not None and (
-        isinstance(bucket_size, bool) or not isinstance(bucket_size, (int, np.integer))
-        or bucket_size < 1):
-      raise ValueError(f"bucket_size must be None or an integer >= 1, got {bucket_size!r}")
-    if norm not in NORMS:
-      raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    self.num_levels = int(num_levels)
-    self.bucket_size = None if bucket_size is None else int(bucket_size)
-    self.norm = norm
+    self.num_levels = _checks.integer("num_levels", num_levels)
+    self.bucket_size = _checks.optional_integer("bucket_size", bucket_size)
+    self.norm = _checks.choice("norm", norm, NORMS)
     self.symbol_bits = bitpack.bits_for(2 * self.num_levels + 1)
     self.max_level = self.num_levels
 

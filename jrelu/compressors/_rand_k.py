@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jrelu.compressors import base
-from jrelu.compressors._top_k import kept_count, validate_k_or_fraction
+from jrelu.compressors._sparse import kept_count, validate_k_or_fraction
 
 
 def sample_indices(index_key: jax.Array, size: int, k: int) -> jax.Array:
@@ -76,8 +76,7 @@ class RandK(base.Compressor):
   (each device draws its own index set). A bound copy takes its index set from the
   common key only, so for that fixed key it is a deterministic linear map of ``x``: its
   ``unbiased`` is False (it is unbiased over the common key, which the aggregation draws
-  afresh every step) and its ``commutes_with_sum`` is True (all devices' values sit at the
-  same indices, so the value vectors may be summed before decoding).
+  afresh every step).
 
   Attributes:
     k: the configured count, or None when ``fraction`` is used.
@@ -91,14 +90,13 @@ class RandK(base.Compressor):
 
   name = "rand_k"
   unbiased = True
-  commutes_with_sum = False
 
   def __init__(self, k: int | None = None, fraction: float | None = None):
     self.k, self.fraction = validate_k_or_fraction(k, fraction)
     self.common_key = None
 
   def num_kept(self, shape) -> int:
-    """Coordinates kept for an input of ``shape`` (see ``_top_k.kept_count``)."""
+    """Coordinates kept for an input of ``shape`` (see ``_sparse.kept_count``)."""
     return kept_count(self.k, self.fraction, base.num_elements(shape))
 
   def bind(self, common_key):
@@ -110,8 +108,8 @@ class RandK(base.Compressor):
         replaces its key.
 
     Returns:
-      A :class:`RandK` with ``common_key`` set, ``unbiased = False`` and
-      ``commutes_with_sum = True`` (see the class docstring); ``wire_bits`` is 32 less.
+      A :class:`RandK` with ``common_key`` set and ``unbiased = False`` (see the class
+      docstring); ``wire_bits`` is 32 less.
 
     Example:
       >>> c = rand_k(10).bind(jax.random.key(7))
@@ -121,7 +119,6 @@ class RandK(base.Compressor):
     bound = copy.copy(self)
     bound.common_key = common_key
     bound.unbiased = False
-    bound.commutes_with_sum = True
     return bound
 
   def _index_key(self, seed):

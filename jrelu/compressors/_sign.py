@@ -16,8 +16,8 @@ decoded signs exactly 0) is re-encoded as a coin flip, i.e. ties are broken at r
 the device that owns the chunk. A fixed ``sign(0) = +1`` would push every tied coordinate
 the same way; on jrelu's default planted problem (d = 1000, 8 devices) that drift kept
 majority-vote signSGD at relative error 0.39, against 1e-2 with the coin. As a
-consequence the unscaled codec maps zeros to random ``+-1`` (``zero_preserving =
-False``); the scaled codec maps an all-zero array to zeros (its scale is 0). Away from
+consequence the unscaled codec maps zeros to random ``+-1``; the scaled codec maps an
+all-zero array to zeros (its scale is 0). Away from
 exact zeros the codec is deterministic.
 
 Wire format: the sign bits packed 32 per uint32 word (``32 * ceil(d / 32)`` bits), plus,
@@ -48,34 +48,15 @@ def _sign_and_magnitude_bits(x):
   return (bits & sign_bit) != 0, (bits & ~sign_bit) != 0
 
 
-def is_negative(x):
-  """Whether each entry of a floating array is ``< 0``, read from its IEEE bits.
-
-  A comparison ``x < 0`` is not enough: XLA on CPU treats subnormal inputs as zero, so a
-  negative subnormal would get the sign of zero. Here an entry is negative when its sign
-  bit is set and its other bits are not all zero (``-0.0`` is not negative).
-
-  Args:
-    x: floating array (float16, bfloat16, float32 or float64) of any shape.
-
-  Returns:
-    bool array of the same shape.
-
-  Example:
-    >>> is_negative(jnp.array([-1e-45, -0.0, 2.0], jnp.float32))
-    Array([ True, False, False], dtype=bool)
-  """
-  negative, nonzero = _sign_and_magnitude_bits(x)
-  return negative & nonzero
-
-
 @base.code_class
 class SignCode:
   """Wire payload of :class:`Sign`.
 
   Attributes:
     words: uint32 ``[ceil(d / 32)]``, bit ``i`` of the stream (bit ``i % 32`` of word
-      ``i // 32``) is 1 where ``x_i < 0`` (see :func:`is_negative`).
+      ``i // 32``) is 1 where ``x_i < 0``, read from the IEEE sign bit so that negative
+      subnormals count as negative (XLA on CPU flushes them to zero in a comparison);
+      an exact zero gets a coin flip from the key.
     scale: float32 ``[1]``, ``||x||_1 / d`` (scaled codec only), or None (no leaf, not
       sent) for the unscaled codec.
     shape: the input's shape (static, not sent).
@@ -117,7 +98,6 @@ class Sign(base.Compressor):
 
   name = "sign"
   unbiased = False
-  commutes_with_sum = False
 
   def __init__(self, scaled: bool = False):
     if not isinstance(scaled, (bool, np.bool_)):
@@ -128,11 +108,6 @@ class Sign(base.Compressor):
   def majority_vote(self) -> bool:
     """True when unscaled: re-encoding a mean of decoded signs is their majority vote."""
     return not self.scaled
-
-  @property
-  def zero_preserving(self) -> bool:
-    """False when unscaled: zeros decode to a random ``+-1`` (the coin of ``sign(0)``)."""
-    return self.scaled
 
   def encode(self, key, x):
     """Packs the sign bits of ``x`` (and its mean magnitude when scaled).

@@ -12,16 +12,11 @@ no more than all ``d`` do). It is meant to be used with error feedback (memory).
 
 Wire format: the kept values as float32 ``[k]`` and their flat indices, each in a field of
 ``bits_for(d) = ceil(log2 d)`` bits (at least 1), packed densely into uint32 words.
-
-This module also holds the ``k`` / ``fraction`` rule shared with ``_rand_k``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fractions
-import math
-import numbers
 
 import jax
 import jax.numpy as jnp
@@ -29,63 +24,7 @@ import numpy as np
 
 from jrelu.compressors import base
 from jrelu.compressors import bitpack
-
-
-def validate_k_or_fraction(k, fraction) -> tuple[int | None, float | None]:
-  """Checks the ``k`` / ``fraction`` arguments of a sparsifier factory.
-
-  Args:
-    k: None, or an integer >= 1 (Python or numpy; not bool): coordinates kept per array.
-    fraction: None, or a real number with ``0 < fraction <= 1``: share of coordinates kept.
-
-  Returns:
-    ``(k, fraction)`` normalized to ``int`` / ``float`` (the one not given stays None).
-
-  Raises:
-    ValueError: unless exactly one of them is given and it is in range; the message
-      quotes the bad value.
-
-  Example:
-    >>> validate_k_or_fraction(None, 0.25)
-    (None, 0.25)
-  """
-  if (k is None) == (fraction is None):
-    raise ValueError(
-        f"exactly one of k or fraction must be given, got k={k!r}, fraction={fraction!r}")
-  if k is not None:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-      raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    return int(k), None
-  if (isinstance(fraction, bool) or not isinstance(fraction, numbers.Real)
-      or not 0 < fraction <= 1):  # also rejects NaN
-    raise ValueError(f"fraction must be a number with 0 < fraction <= 1, got {fraction!r}")
-  return None, float(fraction)
-
-
-def kept_count(k: int | None, fraction: float | None, size: int) -> int:
-  """Number of coordinates a sparsifier keeps from an array of ``size`` elements.
-
-  ``min(k, size)`` for the ``k`` form; ``ceil(fraction * size)`` for the ``fraction`` form,
-  where ``fraction`` is read as the decimal it prints as, so that binary rounding does not
-  add a coordinate (``0.07 * 100`` is ``7.000000000000001`` in floating point, but keeps
-  7). Either way at least 1 when ``size >= 1`` and 0 for an empty array.
-
-  Args:
-    k: validated ``k`` or None.
-    fraction: validated ``fraction`` or None.
-    size: number of elements of the (flattened) array.
-
-  Returns:
-    The kept count, an int in ``[min(1, size), size]``.
-
-  Example:
-    >>> kept_count(None, 0.1, 1000), kept_count(10, None, 1)
-    (100, 1)
-  """
-  if k is not None:
-    return min(k, size)
-  exact = fractions.Fraction(repr(fraction)) * size
-  return min(max(math.ceil(exact), 1), size)
+from jrelu.compressors._sparse import kept_count, validate_k_or_fraction
 
 
 @base.code_class
@@ -124,7 +63,6 @@ class TopK(base.Compressor):
 
   name = "top_k"
   unbiased = False
-  commutes_with_sum = False
 
   def __init__(self, k: int | None = None, fraction: float | None = None):
     self.k, self.fraction = validate_k_or_fraction(k, fraction)

@@ -9,7 +9,6 @@ A compressor is a pure, jit-able array codec:
 * ``decode(code) -> x_hat``: same shape and dtype as ``x``.
 * ``wire_bits(shape) -> int``: the exact bit size of the arrays ``encode`` returns.
 * ``unbiased``: ``E[decode(encode(key, x))] == x`` over the key.
-* ``commutes_with_sum``: codes may be summed before decoding.
 
 Two optional capabilities, used by the aggregation strategies of ``jrelu.aggregation``:
 
@@ -85,19 +84,15 @@ class Compressor(abc.ABC):
   Attributes:
     name: short registry name, e.g. ``"qsgd"``.
     unbiased: whether ``E[decode(encode(key, x))] == x``.
-    commutes_with_sum: whether codes may be added before decoding.
   """
 
   name: str = "compressor"
   unbiased: bool = False
-  commutes_with_sum: bool = False
   # True for codecs of the form scale * level / max_level that implement ``scales``,
   # ``quantize`` and ``dequantize`` (see the module docstring).
   integer_sum: bool = False
   # True when re-encoding the mean of decoded codes is a majority vote (unscaled sign).
   majority_vote: bool = False
-  # False when zeros do not decode to zeros (the unscaled sign: sign(0) = +1); documented.
-  zero_preserving: bool = True
 
   @abc.abstractmethod
   def encode(self, key: jax.Array, x: jax.Array) -> Any:

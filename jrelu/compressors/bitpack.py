@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jrelu import _checks
+
 WORD_BITS = 32
 
 
-def _check_bits(bits: int) -> None:
-  if not isinstance(bits, int) or not 1 <= bits <= WORD_BITS:
-    raise ValueError(f"bits must be an int in [1, 32], got {bits!r}")
+def _check_bits(bits: int) -> int:
+  """``bits`` as an int, or ValueError unless it is an integer field width in [1, 32]."""
+  bits = _checks.integer("bits", bits)
+  if bits > WORD_BITS:
+    raise ValueError(f"bits must be an integer <= {WORD_BITS}, got {bits!r}")
+  return bits
 
 
 def packed_words(num_values: int, bits: int) -> int:
@@ -37,9 +42,8 @@ def packed_words(num_values: int, bits: int) -> int:
     >>> packed_words(1000, 2)
     63
   """
-  _check_bits(bits)
-  if num_values < 0:
-    raise ValueError(f"num_values must be >= 0, got {num_values!r}")
+  bits = _check_bits(bits)
+  num_values = _checks.integer("num_values", num_values, minimum=0)
   return -(-num_values * bits // WORD_BITS)
 
 
@@ -113,9 +117,8 @@ def aligned_words(num_values: int, bits: int) -> int:
     >>> aligned_words(1000, 5)   # 6 fields per word, 2 bits of each word unused
     167
   """
-  _check_bits(bits)
-  if num_values < 0:
-    raise ValueError(f"num_values must be >= 0, got {num_values!r}")
+  bits = _check_bits(bits)
+  num_values = _checks.integer("num_values", num_values, minimum=0)
   return -(-num_values // (WORD_BITS // bits))
 
 
@@ -196,6 +199,5 @@ def bits_for(num_symbols: int) -> int:
     >>> bits_for(9)   # QSGD with num_levels=4: levels 0..4 and a sign
     4
   """
-  if num_symbols < 1:
-    raise ValueError(f"num_symbols must be >= 1, got {num_symbols!r}")
+  num_symbols = _checks.integer("num_symbols", num_symbols)
   return max(1, (num_symbols - 1).bit_length())

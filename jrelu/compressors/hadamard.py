@@ -18,7 +18,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from jrelu import _checks
 
 
 def next_power_of_two(n: int) -> int:
@@ -37,9 +38,7 @@ def next_power_of_two(n: int) -> int:
     >>> next_power_of_two(125), next_power_of_two(128), next_power_of_two(129)
     (128, 128, 256)
   """
-  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-    raise ValueError(f"n must be an integer >= 0, got {n!r}")
-  n = int(n)
+  n = _checks.integer("n", n, minimum=0)
   return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
@@ -50,8 +49,11 @@ def is_power_of_two(n: int) -> bool:
     >>> is_power_of_two(64), is_power_of_two(96), is_power_of_two(0)
     (True, False, False)
   """
-  return (not isinstance(n, bool) and isinstance(n, (int, np.integer)) and n >= 1
-          and (int(n) & (int(n) - 1)) == 0)
+  try:
+    n = _checks.integer("n", n)
+  except ValueError:
+    return False
+  return n & (n - 1) == 0
 
 
 def fwht(x: jax.Array) -> jax.Array:
