@@ -552,6 +552,6 @@ def test_atomo_trains_the_planted_network_inside_optax_chain():
   loss = jax.jit(network.loss)
   assert float(loss(trained, data.x, data.y)) <= 1e-6 * float(loss(params, data.x, data.y))
   held_out = network.sample_dataset(jax.random.key(99), teacher, 2000)
-  assert float(network.relative_error(trained, held_out)) < 1e-3
+  assert float(network.prediction_error(trained, held_out)) < 1e-3
   # The hidden matrix really went through spectral atoms (the "auto" rule for [4, 20]).
   assert compressors.atomo(3).atom_kind((4, 20)) == "svd"

@@ -31,13 +31,11 @@ COMPRESSORS = [
     ("sign_scaled", lambda: compressors.sign(scaled=True)),
     ("terngrad", lambda: compressors.terngrad()),
     ("terngrad_clip", lambda: compressors.terngrad(clip_factor=2.5)),
-    ("powersgd_r1", lambda: compressors.powersgd(1)),
-    ("powersgd_r2", lambda: compressors.powersgd(2)),
     ("atomo_entry_8", lambda: compressors.atomo(8)),
     ("atomo_svd_2", lambda: compressors.atomo(2, atoms="svd")),
 ]
 
-# Shapes: a matrix (PowerSGD and spectral ATOMO take their matrix path, QSGD's 64-bucket
+# Shapes: a matrix (spectral ATOMO takes its matrix path, QSGD's 64-bucket
 # codec has two buckets, the packed words end mid-word) and one element (every count is
 # clamped). The wire-bit formula also gets a long vector, where rounding of word and bucket
 # counts is most varied.
@@ -52,10 +50,11 @@ params_shapes = pytest.mark.parametrize("shape", SHAPES, ids=shape_ids)
 # Unit roundoff of float32 and bfloat16: one rounding has relative error at most u.
 U32 = 2.0 ** -24
 UBF16 = 2.0 ** -9
-# The longest chain of dependent float32 reductions between an input and any code leaf or
-# decoded value, over all codecs: PowerSGD's M Q0, the orthonormalization's column norms
-# and projections, M^T P_hat, and the decoding product P Q^T. Every other codec has one
-# (a norm, a mean, a water-filling tail sum) or none.
+# A bound on the chain of dependent float32 reductions between an input and any code leaf
+# or decoded value, over all codecs: spectral ATOMO's SVD (the Gram products and
+# orthonormalizations inside it), its water-filling tail sum and the decoding product
+# U diag(w) V^T; every other codec has one (a norm, a mean, a water-filling tail sum) or
+# none. (4 was derived for a codec with four chained products; it stays as a margin.)
 MAX_REDUCTION_DEPTH = 4
 
 
@@ -69,10 +68,9 @@ def reorder_bound(num_terms, x, value):
   size) terms, and at most MAX_REDUCTION_DEPTH are chained, each passing its error on.
   sum_i |t_i| is at most max(max|value|, ||x||_2, 1): a same-sign sum (mean |x|, a
   water-filling tail) is bounded by the value it produces, and a norm's square root halves
-  the relative error of its sum of squares, leaving (n - 1) u ||x||_2; a product with
-  orthonormal columns (PowerSGD's M^T P_hat, the decoding P Q^T, ATOMO's U diag(w) V^T) is
-  bounded by Cauchy-Schwarz by ||x||_2 (times the weights, which are the leaf); and
-  PowerSGD's unit-norm P_hat by 1.
+  the relative error of its sum of squares, leaving (n - 1) u ||x||_2; and a product with
+  orthonormal columns (ATOMO's U diag(w) V^T) is bounded by Cauchy-Schwarz by ||x||_2
+  (times the weights, which are the leaf).
   """
   scale = max(float(np.max(np.abs(np.asarray(value, np.float32)), initial=0.0)),
               float(jnp.linalg.norm(jnp.asarray(x, jnp.float32))), 1.0)

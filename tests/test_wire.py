@@ -28,7 +28,6 @@ CODECS = {
     "rand_k": lambda: compressors.rand_k(fraction=0.1),
     "fo_sgd": compressors.fo_sgd,
     "atomo": lambda: compressors.atomo(16),
-    "powersgd": lambda: compressors.powersgd(2),
 }
 # Codecs measured at 2 devices too (all of them at 8).
 AT_TWO_DEVICES = ("none", "qsgd_s1", "qsgd_s4_bucket128", "rand_k", "terngrad")
