@@ -1,5 +1,6 @@
 """Tests of jrelu.compressors.bitpack: dense packing of small unsigned ints into uint32."""
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -11,7 +12,12 @@ from jrelu.compressors import bitpack
 # JAX compiles each new (n, bits) shape, so examples are slow-ish: keep the count modest
 # and switch the per-example deadline off. derandomize makes every run draw the same
 # examples (a deterministic test suite); the properties are exact, so no example is flaky.
-PROPERTY_SETTINGS = settings(max_examples=100, deadline=None, derandomize=True)
+# Every width 1..32 is also checked explicitly below, so the drawn examples add variety in
+# n and values rather than coverage of widths.
+PROPERTY_SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
+# pack / unpack compiled once per (n, bits) rather than op by op.
+_pack = jax.jit(bitpack.pack, static_argnums=1)
+_unpack = jax.jit(bitpack.unpack, static_argnums=(1, 2))
 
 
 @st.composite
@@ -37,19 +43,33 @@ def reference_pack(values, bits):
                   dtype=np.uint32)
 
 
-@PROPERTY_SETTINGS
-@given(bits_and_values())
-def test_pack_layout_and_unpack_roundtrip(case):
-  # One test for both properties: each example costs a JAX compilation per shape.
-  bits, values = case
-  words = bitpack.pack(values, bits)
+def check_layout_and_roundtrip(bits, values):
+  words = _pack(values, bits)
   words_np = np.asarray(words)
   assert words_np.dtype == np.uint32
   assert words_np.shape == (bitpack.packed_words(values.shape[0], bits),)
   np.testing.assert_array_equal(words_np, reference_pack(values, bits))
-  out = np.asarray(bitpack.unpack(words, bits, values.shape[0]))
+  out = np.asarray(_unpack(words, bits, values.shape[0]))
   assert out.dtype == np.uint32
   np.testing.assert_array_equal(out, values)
+
+
+@PROPERTY_SETTINGS
+@given(bits_and_values())
+def test_pack_layout_and_unpack_roundtrip(case):
+  # One test for both properties: each example costs a JAX compilation per shape.
+  check_layout_and_roundtrip(*case)
+
+
+def test_every_width_with_fields_across_word_boundaries():
+  # n = 67 fields of every width: 67 * bits is a multiple of 32 only for bits = 32, so
+  # every other width has fields straddling words and a partial last word; values are
+  # drawn over the whole range [0, 2**bits), extremes included.
+  rng = np.random.default_rng(0)
+  for bits in range(1, 33):
+    values = rng.integers(0, 2**bits, size=67, dtype=np.uint64).astype(np.uint32)
+    values[:2] = [0, 2**bits - 1]
+    check_layout_and_roundtrip(bits, values)
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
