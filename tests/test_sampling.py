@@ -61,6 +61,23 @@ def test_window_covers_every_row_equally_often():
   assert np.all(counts[:200] == 6) and np.all(counts[200:] == 0)
 
 
+def test_window_offset_is_uniform_over_the_segment():
+  """The step key draws the offset u uniformly from all L = 50 starts of a segment.
+
+  With the test above this makes every row's inclusion probability B / (S L). 20,000 keys:
+  each start's count is Binomial(20000, 1/50), mean 400, sd 19.8; every count within
+  6 sd of 400 (a fixed set of keys, so the check is deterministic).
+  """
+  data, _ = _problem(num_samples=203)
+  offset = jax.jit(jax.vmap(
+      lambda k: sampling._window_batch(k, data, 24, 0, 1, 4, 3)[2].offset))
+  offsets = np.asarray(offset(jax.random.split(jax.random.key(5), 20_000)))
+  counts = np.bincount(offsets, minlength=50)
+  assert counts.shape == (50,)                   # no offset outside [0, L)
+  sd = np.sqrt(20_000 * (1 / 50) * (1 - 1 / 50))
+  assert np.all(np.abs(counts - 400) <= 6 * sd), counts
+
+
 @pytest.mark.parametrize("block_rows", [1, 2, 6, 12])
 def test_window_loss_equals_loss_on_the_gathered_rows(block_rows):
   """Value and gradients of the blocked loss, with offsets that wrap and that do not."""
