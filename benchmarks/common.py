@@ -315,6 +315,25 @@ def pyplot():
 
 
 
+def mode_defaults(mode: dict, given: dict, names=None) -> dict:
+  """``given``'s values for the keys of ``mode``, ``mode``'s where a value is None or absent.
+
+  Args:
+    mode: a benchmark mode's defaults (its ``QUICK`` or ``FULL`` table).
+    given: values from flags; None means "the mode's default".
+    names: keep only these keys of ``mode`` (default: all).
+
+  Returns:
+    A dict over the kept keys of ``mode``.
+
+  Example:
+    >>> mode_defaults({"repeats": 7}, {"repeats": None})
+    {'repeats': 7}
+  """
+  return {k: (mode[k] if given.get(k) is None else given[k])
+          for k in mode if names is None or k in names}
+
+
 def make_outdir(path: str) -> str:
   """Creates ``--outdir`` (and parents); a failure is one error line naming the flag.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from benchmarks import common
 from jrelu import experiment
 
 # The methods compared in sections 2-4: name -> label and jrelu.experiment.Config overrides.
@@ -90,8 +91,7 @@ class Settings:
       The settings.
     """
     mode = QUICK if quick else FULL
-    values = {k: (mode[k] if given.get(k) is None else given[k])
-              for k in mode if k in {f.name for f in dataclasses.fields(cls)}}
+    values = common.mode_defaults(mode, given, {f.name for f in dataclasses.fields(cls)})
     base = given.pop("base")
     if base.num_steps is None:
       base = dataclasses.replace(base, num_steps=mode["num_steps"])

@@ -163,7 +163,7 @@ class Settings:
       ValueError: for a list of integers that does not parse (naming the flag).
     """
     mode = QUICK if quick else FULL
-    values = {k: (mode[k] if given.get(k) is None else given[k]) for k in mode}
+    values = common.mode_defaults(mode, given)
     values.update({k: v for k, v in given.items() if k not in mode})
     for name in ("sweep_dims", "sweep_batches", "kernel_dims"):
       if isinstance(values[name], str):
