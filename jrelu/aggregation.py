@@ -22,6 +22,10 @@ bit for bit, on every device:
   integers: the sum of N fields is at most ``2 L N < 2**w``, so no field overflows into
   its neighbour. Unbiased when the codec is; costs ``2 (N-1)/N`` packed-word sizes.
 
+NaN and Inf are never hidden: if any device's ``x`` holds NaN or Inf, every device's
+mean is non-finite under every strategy. The codecs poison their codes (see each codec's
+docstring), and ``integer_psum`` sends a non-finite scale as +Inf through its ``pmax``.
+
 A code's leaves (packed words, scales, indices) cross the wire as one uint32 buffer per
 collective: a collective is a rendezvous of every device, and on simulated CPU devices
 that synchronisation, not the bytes, dominates a step (``two_phase`` went from four
@@ -192,7 +196,12 @@ def _integer_psum(compressor, key, x, axis_name, common_key):
   top = compressor.max_level
   width = bitpack.bits_for(2 * top * n + 1)
   d = base.num_elements(x.shape)
-  scales = jax.lax.pmax(compressor.scales(x), axis_name)
+  # A NaN or Inf input gives a non-finite scale. It is sent as +Inf: XLA's CPU pmax may
+  # drop a NaN, never an Inf. Every device then shares scale Inf for that bucket, which
+  # dequantizes to NaN (levels are 0 there), so a broken worker is never averaged away,
+  # at no extra bits.
+  own = compressor.scales(x)
+  scales = jax.lax.pmax(jnp.where(jnp.isfinite(own), own, jnp.inf), axis_name)
   levels = compressor.quantize(key, x, scales)
   words = bitpack.pack_aligned(levels + top, width)
   total = bitpack.unpack_aligned(jax.lax.psum(words, axis_name), width, d)
