@@ -109,9 +109,11 @@ def overflow_free(reduce, v: jax.Array, axis=None) -> jax.Array:
   For a homogeneous reduction (a norm, a mean of ``|v|``, a standard deviation:
   ``reduce(c v) = |c| reduce(v)``) of float32 ``v``, squaring or summing huge finite
   entries overflows (``||v||_2`` is ``inf`` once ``|v_i| >= 2^64``, about ``1.8e19``).
-  With ``2^e`` the power of two just above ``max|v|`` (per slice along ``axis``) the
-  scaled entries are at most 1 and nothing overflows; a power-of-two scaling is exact,
-  so the result is bit-identical to ``reduce(v)`` wherever that does not overflow.
+  With ``2^e`` the largest power of two not above ``max|v|`` (per slice along ``axis``;
+  at most ``2^126``, whose reciprocal is still a normal float32) the scaled entries are
+  at most 4 in magnitude and nothing overflows; a power-of-two scaling is exact,
+  so the result is bit-identical to ``reduce(v)`` wherever that does not overflow (up to
+  entries below ``2^-126 max|v|``, which the scaling flushes to zero as subnormals).
   Slices whose maximum is 0, subnormal (below ``finfo(float32).tiny``) or non-finite
   are not scaled, so NaN and Inf pass through.
 
@@ -133,7 +135,10 @@ def overflow_free(reduce, v: jax.Array, axis=None) -> jax.Array:
   top = jnp.max(jnp.abs(v), axis=axis, keepdims=True, initial=0.0)
   _, exponent = jnp.frexp(top)  # top = m 2^exponent with m in [0.5, 1)
   usable = jnp.isfinite(top) & (top >= jnp.finfo(jnp.float32).tiny)
-  scale = jnp.where(usable, jnp.ldexp(jnp.ones_like(top), exponent), 1.0)
+  # 2^(exponent - 1) is in (top / 2, top]. Capped at 2^126: XLA divides by multiplying
+  # with the reciprocal, and 2^-127 is subnormal (flushed to 0 on CPU); 2^-126 is not.
+  power = jnp.minimum(exponent - 1, 126)
+  scale = jnp.where(usable, jnp.ldexp(jnp.ones_like(top), power), 1.0)
   return jnp.squeeze(reduce(v / scale, axis=axis, keepdims=True) * scale, axis=axis)
 
 
