@@ -577,7 +577,8 @@ def run(config: Config, workdir: str, *, devices=None,
       raise ConfigError("num_devices", f"num_devices={config.num_devices}: {e}") from None
     except (RuntimeError, AssertionError) as e:  # JAX cannot start the asked-for backend
       platforms = os.environ.get("JAX_PLATFORMS", "")
-      reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      reason = (str(e).strip().splitlines()
+                or ["it is not installed, or has no device on this machine"])[0]
       raise ConfigError("JAX_PLATFORMS", f"JAX_PLATFORMS={platforms!r}: JAX cannot start "
                         f"that backend here ({reason})") from None
   n_dev = len(devices)
