@@ -18,8 +18,9 @@ from jrelu import experiment
 from test_compressor_contract import COMPRESSORS
 
 N = 8
-# A matrix, so spectral ATOMO takes its SVD path; two_phase chunks are vectors of 2.
-SHAPE = (3, 5)
+# A matrix, so spectral ATOMO takes its SVD path; two_phase chunks are vectors of 12.
+# 91 entries: rand-k's 10 chosen of them miss the broken one (the bug this catches).
+SHAPE = (7, 13)
 BROKEN_DEVICE, BROKEN_INDEX = 3, (1, 2)
 CASES = ("clean", "nan", "inf")
 
