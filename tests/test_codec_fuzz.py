@@ -144,3 +144,12 @@ def test_factories_bound_counts_by_int32():
                        (lambda v: compressors.qsgd(4, bucket_size=v), 2**31)):
     with pytest.raises(ValueError, match=f"in \\[1, 2147483647\\] .*got {bad}"):
       factory(bad)
+
+
+def test_none_keeps_float64_under_x64():
+  # The uncompressed baseline is exact: a float64 input is not rounded to float32.
+  with jax.enable_x64(True):
+    x = jnp.array([1 / 3, -2.0, 1e-300], jnp.float64)
+    out = compressors.identity()(jax.random.key(0), x)
+    assert out.dtype == jnp.float64
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(x))

@@ -506,7 +506,8 @@ def test_one_bit_per_coordinate(shape, scaled):
   np.testing.assert_array_equal(stream.reshape(-1)[:d], (x.reshape(-1) < 0).astype(np.uint32))
   assert np.all(stream.reshape(-1)[d:] == 0)
   np.testing.assert_array_equal(
-      np.asarray(bitpack.unpack(code.words, 1, d)), (x.reshape(-1) < 0).astype(np.uint32))
+      np.asarray(bitpack.unpack(code.words, 1, stream_bits))[:d],
+      (x.reshape(-1) < 0).astype(np.uint32))
 
 
 def test_wire_bits_docstring_example():
