@@ -470,10 +470,18 @@ def estimate_memory_bytes(config: Config, num_devices: int) -> dict:
 def available_memory_bytes(devices=None) -> dict:
   """Memory that a run can still take: host RAM, and each accelerator's capacity.
 
+  Args:
+    devices: the run's devices, or None (then only host memory is read).
+
   Returns:
     ``{"host_bytes": MemAvailable of /proc/meminfo (or the free physical pages of
     os.sysconf), "device_bytes": the first device's ``bytes_limit`` from
-    ``memory_stats()``, or None on CPU or when the backend does not say}``.
+    ``memory_stats()``, or None on CPU or when the backend does not say}``; either is
+    None when it cannot be read.
+
+  Example:
+    >>> available_memory_bytes()["host_bytes"] > 0
+    True
   """
   host = None
   try:
@@ -500,10 +508,19 @@ def available_memory_bytes(devices=None) -> dict:
 def check_memory(config: Config, devices) -> None:
   """Refuses a config whose estimated memory exceeds what is available.
 
+  Args:
+    config: the run's settings.
+    devices: the devices it runs on (CPU devices share host memory).
+
   Raises:
     ConfigError: (field ``dim``) in one line giving the estimate
       (:func:`estimate_memory_bytes`) and the available memory
       (:func:`available_memory_bytes`).
+
+  Example:
+    >>> check_memory(Config(dim=100_000_000), jax.devices())
+    ConfigError: dim=100000000, num_samples=4000, batch_size=1024 on 8 devices need
+    about 1.42e+04 GiB host (estimated), but 16.7 GiB is available; lower dim or ...
   """
   need = estimate_memory_bytes(config, len(devices))
   have = available_memory_bytes(devices)
