@@ -5,7 +5,7 @@ it supports (``aggregation.supported``) x {clean, one NaN on one device, one Inf
 device}. It runs as one jitted program under ``jax.vmap`` with a named axis (the
 collectives act on the mapped axis; one compilation for the whole grid), plus
 ``integer_psum`` under ``jax.pmap`` on the 8 simulated CPU devices, whose ``pmax`` is the
-collective that used to drop a NaN.
+collective that used to drop a NaN, and PowerSGD, which has its own collectives.
 """
 
 import jax
@@ -15,6 +15,7 @@ import pytest
 
 from jrelu import aggregation
 from jrelu import experiment
+from jrelu import powersgd
 from test_compressor_contract import COMPRESSORS
 
 N = 8
@@ -88,3 +89,22 @@ def test_grid_covers_every_registry_codec():
   assert {make().name for _, make, _ in GRID} >= set(
       n for n in experiment.COMPRESSORS if n != experiment.POWERSGD)
   assert len(GRID) == 45
+
+
+def test_powersgd():
+  # PowerSGD all-reduces its own factors: a NaN in a matrix leaf (through P and Q) and an
+  # Inf in a vector leaf (sent uncompressed) on one device reach every device.
+  tx = powersgd.powersgd(1, key=jax.random.key(0), axis_name="data")
+  params = {"m": jnp.zeros((6, 5)), "v": jnp.zeros(4)}
+  grads = {"m": jax.random.normal(jax.random.key(1), (N, 6, 5)),
+           "v": jax.random.normal(jax.random.key(2), (N, 4))}
+  cases = {"m": jnp.stack([grads["m"].at[BROKEN_DEVICE, 0, 0].set(jnp.nan), grads["m"]]),
+           "v": jnp.stack([grads["v"], grads["v"].at[BROKEN_DEVICE, 0].set(jnp.inf)])}
+
+  def per_device(g):
+    return tx.update(g, tx.init(params), params)[0]
+
+  out = jax.jit(jax.vmap(jax.vmap(per_device, axis_name="data")))(cases)
+  m, v = (np.asarray(out[k]).reshape(2, N, -1) for k in ("m", "v"))
+  assert (~np.isfinite(m[0])).any(axis=1).all() and np.isfinite(m[1]).all()
+  assert (~np.isfinite(v[1])).any(axis=1).all() and np.isfinite(v[0]).all()
