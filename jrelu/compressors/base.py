@@ -158,23 +158,37 @@ def l2_norm(v: jax.Array, axis=None) -> jax.Array:
 def mean_abs(v: jax.Array, axis=None) -> jax.Array:
   """``mean(|v|)`` of float32 ``v`` along ``axis``, without overflow of the sum.
 
+  Never above ``max|v|``, as the exact mean: a float32 mean can round up past it (15
+  copies of float32's largest value scaled by ``2^-126`` average to exactly 4, which
+  scales back to Inf), so it is clamped there. NaN and Inf pass through.
+
   Example:
     >>> mean_abs(jnp.array([3e38, -3e38]))
     Array(3.e+38, dtype=float32)
   """
-  return overflow_free(lambda a, axis, keepdims: jnp.mean(jnp.abs(a), axis=axis,
-                                                          keepdims=keepdims), v, axis)
+  return _at_most_max(overflow_free(
+      lambda a, axis, keepdims: jnp.mean(jnp.abs(a), axis=axis, keepdims=keepdims),
+      v, axis), v, axis)
 
 
 def std(v: jax.Array, axis=None) -> jax.Array:
   """Population standard deviation of float32 ``v`` along ``axis``, without overflow.
 
+  Never above ``max|v|`` (the exact one is not: ``std^2 <= mean(v^2) <= max|v|^2``), like
+  :func:`mean_abs`.
+
   Example:
     >>> std(jnp.array([1e30, -1e30]))
     Array(1.e+30, dtype=float32)
   """
-  return overflow_free(lambda a, axis, keepdims: jnp.std(a, axis=axis, keepdims=keepdims),
-                       v, axis)
+  return _at_most_max(overflow_free(
+      lambda a, axis, keepdims: jnp.std(a, axis=axis, keepdims=keepdims), v, axis), v, axis)
+
+
+def _at_most_max(value, v, axis):
+  """``value`` clamped to ``max|v|`` along ``axis`` where that is finite (NaN stays NaN)."""
+  top = jnp.max(jnp.abs(jnp.asarray(v, jnp.float32)), axis=axis, initial=0.0)
+  return jnp.where(jnp.isfinite(top) & (value > top), top, value)
 
 
 class Compressor(abc.ABC):
