@@ -190,11 +190,41 @@ def _two_phase(codec, key, x, axis_name, common_key):
   return mean, local
 
 
+def integer_psum_width(compressor: base.Compressor, num_devices: int) -> int:
+  """Bits per packed field of ``integer_psum``: ``bits_for(2 L N + 1)``, L = ``max_level``.
+
+  The sum of N devices' offset levels is at most ``2 L N``; it must fit a field of one
+  uint32 word and, once the offset ``N L`` is removed, an int32.
+
+  Args:
+    compressor: a shared-scale integer codec (``integer_sum``).
+    num_devices: N.
+
+  Returns:
+    The field width in bits.
+
+  Raises:
+    ValueError: if ``2 L N + 1 > 2^31`` (e.g. QSGD with ``num_levels=2**24`` on 128
+      devices), saying which product is too large.
+
+  Example:
+    >>> integer_psum_width(qsgd(4), 8)   # sums of 8 levels in [-4, 4]: 0..64
+    7
+  """
+  n = _checks.integer("num_devices", num_devices)
+  top = compressor.max_level
+  if 2 * top * n + 1 > 2**31:
+    raise ValueError(f"integer_psum on {n} devices with max_level={top} sums levels up to "
+                     f"2 * {top} * {n} = {2 * top * n}, more than an int32 holds; use fewer "
+                     "levels or another aggregation")
+  return bitpack.bits_for(2 * top * n + 1)
+
+
 def _integer_psum(compressor, key, x, axis_name, common_key):
   compressor = _bind(compressor, common_key, 0)
   n = jax.lax.axis_size(axis_name)
   top = compressor.max_level
-  width = bitpack.bits_for(2 * top * n + 1)
+  width = integer_psum_width(compressor, n)
   d = base.num_elements(x.shape)
   # A NaN or Inf input gives a non-finite scale. It is sent as +Inf: XLA's CPU pmax may
   # drop a NaN, never an Inf. Every device then shares scale Inf for that bucket, which
@@ -291,7 +321,7 @@ def wire_bits(strategy: str, compressor: base.Compressor, shape, num_devices: in
   if strategy == "all_gather":
     return (n - 1) * compressor.wire_bits(tuple(shape))
   if strategy == "integer_psum":
-    width = bitpack.bits_for(2 * compressor.max_level * n + 1)
+    width = integer_psum_width(compressor, n)
     words = compressor.num_scales(tuple(shape)) + bitpack.aligned_words(d, width)
     return 2 * (n - 1) / n * 32 * words
   return 2 * (n - 1) * compressor.wire_bits((chunk_size(d, n),))

@@ -602,6 +602,12 @@ def run(config: Config, workdir: str, *, devices=None,
   if config.batch_size % n_dev:
     raise ConfigError("batch_size", f"batch_size={config.batch_size} is not divisible by "
                       f"the {n_dev} devices")
+  if config.aggregation == "integer_psum":
+    try:
+      aggregation.integer_psum_width(make_codec(config, n_dev), n_dev)
+    except ValueError as e:
+      raise ConfigError("num_levels", f"num_levels={config.num_levels}, aggregation="
+                        f"'integer_psum': {e}") from None
   check_memory(config, devices)
   check_workdir(workdir)
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jrelu import aggregation
 from jrelu import compressors
 from jrelu.compressors import base
 from test_compressor_contract import COMPRESSORS
@@ -156,3 +157,10 @@ def test_none_keeps_float64_under_x64():
     out = compressors.identity()(jax.random.key(0), x)
     assert out.dtype == jnp.float64
     np.testing.assert_array_equal(np.asarray(out), np.asarray(x))
+
+
+def test_integer_psum_level_sums_fit_int32():
+  # Sums of N offset levels reach 2 L N; past 2^31 they no longer fit an int32.
+  assert aggregation.integer_psum_width(compressors.qsgd(2**24), 63) == 31
+  with pytest.raises(ValueError, match="2 \\* 16777216 \\* 64 = 2147483648"):
+    aggregation.integer_psum_width(compressors.qsgd(2**24), 64)
