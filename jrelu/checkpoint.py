@@ -97,7 +97,8 @@ def restore(directory: str, like, step: int | None = None):
     directory: the directory given to :func:`save`.
     like: a pytree with the saved structure, shapes and dtypes (e.g. a freshly
       initialized state); its jax-array leaves give each restored leaf its sharding, its
-      typed-key leaves the PRNG implementation.
+      typed-key leaves the PRNG implementation. None: return the saved leaves as a list
+      of numpy arrays (typed keys as their key data), in ``tree_leaves`` order.
     step: which checkpoint; default the latest.
 
   Returns:
@@ -125,6 +126,9 @@ def restore(directory: str, like, step: int | None = None):
   finally:
     manager.close()
   arrays = restored["state"]
+  if like is None:
+    return [np.asarray(arrays[str(i)]) for i in range(len(arrays))], dict(
+        restored["metadata"])
   leaves, treedef = jax.tree_util.tree_flatten(like)
   if len(arrays) != len(leaves):
     raise ValueError(f"checkpoint {step} in {directory} holds {len(arrays)} arrays, the "
@@ -143,3 +147,27 @@ def restore(directory: str, like, step: int | None = None):
       value = jax.device_put(value, leaf.sharding)
     out.append(value)
   return jax.tree_util.tree_unflatten(treedef, out), dict(restored["metadata"])
+
+
+def read_metadata(directory: str, step: int | None = None) -> dict:
+  """The metadata dict saved with the checkpoint of ``step`` (default the latest).
+
+  Cheaper than :func:`restore` and needs no ``like``: for checking what a checkpoint is
+  before restoring it.
+
+  Raises:
+    FileNotFoundError: when ``directory`` holds no complete checkpoint (of ``step``).
+  """
+  if step is None:
+    step = latest_step(directory)
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {directory}")
+  ocp, manager = _manager(directory)
+  try:
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint of step {step} in {directory}")
+    restored = manager.restore(step, args=ocp.args.Composite(
+        metadata=ocp.args.JsonRestore()))
+  finally:
+    manager.close()
+  return dict(restored["metadata"])
