@@ -466,7 +466,7 @@ class Interrupted(RuntimeError):
 RUN_FILES = ("metrics.jsonl", "summary.json", "relative_error.png")
 CHECKPOINT_DIR = "checkpoints"
 LOCK_FILE = ".lock"
-TIMING_FIELDS = ("steps_per_second", "compile_seconds", "run_seconds")
+TIMING_FIELDS = ("steps_per_second", "compile_seconds", "run_seconds", "checkpoint_seconds")
 
 
 def _writing(path: str, write: Callable[[], None]) -> None:
@@ -713,7 +713,10 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
   state, data, batch_key = parallel.replicate(
       (parallel.init_state(params, tx), (dataset, w_star), batch_key), devices)
 
-  cache_key = (json.dumps(identity, sort_keys=True), tuple(d.id for d in devices))
+  programs_depend_on = {k: v for k, v in identity.items()
+                        if k not in ("num_steps", "target_relative_error", "log_every")}
+  cache_key = (json.dumps(programs_depend_on, sort_keys=True),
+               tuple(d.id for d in devices))
   bits = _cached(cache_key + ("wire",), lambda: wire.measure(
       parallel.wrap(config.parallel, step, devices), state, data, batch_key))
   float32_bits = aggregation.float32_allreduce_bits((config.dim,), n_dev)
@@ -740,6 +743,7 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
       "steps_per_second": None,
       "compile_seconds": 0.0,
       "run_seconds": 0.0,
+      "checkpoint_seconds": 0.0,
       "num_devices": n_dev,
       "jax_version": jax.__version__,
       "backend": jax.default_backend(),
@@ -772,10 +776,12 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
     summary["checkpoint_step"] = summary["steps"]
     progress = {k: summary[k] for k in (
         "run_id", "status", "relative_error", "steps", "steps_to_target",
-        "checkpoint_step", "compile_seconds", "run_seconds")}
+        "checkpoint_step", "compile_seconds", "run_seconds", "checkpoint_seconds")}
     metadata = {"config": identity, "progress": progress, "history": history}
+    start = time.perf_counter()
     _writing(ckpt_dir, lambda: checkpoint.save(ckpt_dir, summary["steps"], state, metadata,
                                               keep=keep_checkpoints))
+    summary["checkpoint_seconds"] += time.perf_counter() - start
 
   finished = False
   try:

@@ -9,7 +9,11 @@ must equal those of an uninterrupted run, except the timings and the run id (a n
 id differs by design). The real ``kill -9`` of the binary is in test_train_binary.py.
 """
 
+import errno
+import fcntl
 import json
+import os
+import resource
 
 import jax
 import numpy as np
@@ -119,3 +123,60 @@ def test_stopped_and_resumed_run_is_bit_identical(tmp_path, monkeypatch, name):
   summary = run(config, workdir)
   assert summary["status"] == "finished" and summary["checkpoint_step"] == 12
   assert_same(outcome(tmp_path / "straight"), outcome(workdir))
+
+
+def test_other_settings_are_refused_naming_them_and_fresh_deletes(tmp_path, caplog):
+  config = experiment.Config(**SMALL)
+  saved = dict(experiment._identity(config, DEVICES), num_levels=8, seed=3)
+  checkpoint.save(str(tmp_path / "checkpoints"), 4, [np.zeros(2)],
+                  {"config": saved, "progress": {}, "history": []})
+  with pytest.raises(experiment.ConfigError) as info:
+    run(config, tmp_path)
+  assert info.value.field == "workdir"
+  assert "num_levels=8 (now 4), seed=3 (now 0)" in str(info.value)
+  (tmp_path / "relative_error.png").write_text("an earlier run's plot")
+  caplog.set_level("WARNING")
+  summary = run(config, tmp_path, fresh=True)
+  assert summary["steps"] == 12 and not (tmp_path / "relative_error.png").exists()
+  deleted = [r.getMessage() for r in caplog.records if "deleting" in r.getMessage()]
+  assert len(deleted) == 2  # the plot and checkpoints/, each named
+  assert checkpoint.latest_step(str(tmp_path / "checkpoints")) == 12
+
+
+def test_a_second_run_in_a_locked_workdir_is_refused(tmp_path):
+  with open(tmp_path / ".lock", "w") as held:
+    held.write("12345")
+    held.flush()
+    fcntl.flock(held, fcntl.LOCK_EX)  # as another run would
+    with pytest.raises(experiment.ConfigError, match=r"in use by another run \(pid 12345\)"):
+      run(experiment.Config(**SMALL), tmp_path)
+  assert not (tmp_path / "metrics.jsonl").exists()  # the holder's files are untouched
+
+
+def test_a_failed_append_leaves_no_partial_line(tmp_path):
+  path = str(tmp_path / "metrics.jsonl")
+  experiment.append_line(path, '{"step": 1}')
+  size = os.path.getsize(path)
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  # The file may grow 5 bytes: the write of the next 12 is cut short (Python ignores
+  # SIGXFSZ), and append_line must cut those 5 bytes back.
+  resource.setrlimit(resource.RLIMIT_FSIZE, (size + 5, hard))
+  try:
+    with pytest.raises(experiment.WriteError, match="cannot write .*metrics.jsonl"):
+      experiment.append_line(path, '{"step": 2}')
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+  assert open(path).read() == '{"step": 1}\n'
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_error_naming_it(tmp_path, monkeypatch):
+  def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(checkpoint, "save", full_disk)
+  with pytest.raises(experiment.WriteError) as info:
+    run(experiment.Config(**SMALL), tmp_path)
+  assert str(info.value) == (f"cannot write {tmp_path / 'checkpoints'}: "
+                             "No space left on device")
+  assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
+
