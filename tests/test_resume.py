@@ -23,12 +23,13 @@ from orbax.checkpoint._src.path import atomicity
 from jrelu import checkpoint
 from jrelu import experiment
 
+import helpers
+
 DEVICES = 8
 # Checkpoints at steps 4, 8, 12; chunks of 2 steps.
 SMALL = dict(dim=20, num_samples=100, batch_size=16, learning_rate=0.1, num_steps=12,
              log_every=2, target_relative_error=0)
 EVERY = 4
-VOLATILE = experiment.TIMING_FIELDS + ("run_id",)
 
 
 class Crash(Exception):
@@ -65,30 +66,6 @@ def run(config, workdir, **kwargs):
                         checkpoint_every=EVERY, **kwargs)
 
 
-def outcome(workdir):
-  """(state arrays, summary, metrics lines) of a finished workdir, minus what may vary."""
-  arrays, _ = checkpoint.restore(str(workdir / "checkpoints"), like=None)
-  summary = json.loads((workdir / "summary.json").read_text())
-  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  run_ids = {summary.pop("run_id")} | {l.pop("run_id") for l in lines}
-  assert len(run_ids) == 1  # every line belongs to the one run
-  for record in [summary] + lines:
-    for name in VOLATILE:
-      record.pop(name, None)
-  summary.pop("workdir")
-  return arrays, summary, lines
-
-
-def assert_same(a, b):
-  arrays_a, summary_a, lines_a = a
-  arrays_b, summary_b, lines_b = b
-  assert summary_a == summary_b
-  assert lines_a == lines_b  # every logged step exactly once, same values
-  assert len(arrays_a) == len(arrays_b)
-  for x, y in zip(arrays_a, arrays_b):
-    np.testing.assert_array_equal(x, y)  # bit for bit (keys as key data)
-
-
 # Each method is stopped twice, at different kinds of points, then finished.
 CASES = {
     # QSGD: after the metrics line of step 6 (checkpoint 4 is the latest), then inside
@@ -122,7 +99,7 @@ def test_stopped_and_resumed_run_is_bit_identical(tmp_path, monkeypatch, name):
     assert json.loads((workdir / "summary.json").read_text())["status"] == "failed"
   summary = run(config, workdir)
   assert summary["status"] == "finished" and summary["checkpoint_step"] == 12
-  assert_same(outcome(tmp_path / "straight"), outcome(workdir))
+  helpers.assert_same_run(tmp_path / "straight", workdir)
 
 
 def test_other_settings_are_refused_naming_them_and_fresh_deletes(tmp_path, caplog):
@@ -180,3 +157,10 @@ def test_a_checkpoint_that_cannot_be_written_is_one_error_naming_it(tmp_path, mo
                              "No space left on device")
   assert json.loads((tmp_path / "summary.json").read_text())["status"] == "failed"
 
+
+
+@pytest.mark.parametrize("name", ["checkpoint_every", "keep_checkpoints"])
+def test_checkpoint_settings_are_checked(tmp_path, name):
+  with pytest.raises(experiment.ConfigError, match=f"{name}=0: must be"):
+    experiment.run(experiment.Config(**SMALL), str(tmp_path),
+                   devices=jax.devices()[:DEVICES], **{name: 0})
