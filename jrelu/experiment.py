@@ -480,7 +480,8 @@ def _writing(path: str, write: Callable[[], None]) -> None:
 def append_line(path: str, line: str) -> None:
   """Appends ``line`` and a newline to ``path``: the whole line, or nothing.
 
-  A failed or short write (full disk, file size limit) is cut back to the previous size.
+  A write that fails part way (full disk, file size limit) is cut back to the previous
+  size.
 
   Raises:
     WriteError: naming ``path`` when the line cannot be written.
@@ -492,8 +493,12 @@ def append_line(path: str, line: str) -> None:
     try:
       size = os.fstat(fd).st_size
       try:
-        if os.write(fd, data) != len(data):
-          raise OSError(errno.ENOSPC, "short write (no space left on device?)")
+        view = memoryview(data)
+        while view:  # a short write is retried: the retry raises the real error
+          written = os.write(fd, view)
+          if not written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+          view = view[written:]
       except OSError:
         os.ftruncate(fd, size)
         raise
@@ -809,7 +814,9 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
       else:
         state = new_state
       if done:
-        hit = np.nonzero(errors[:done] <= config.target_relative_error)[0]
+        # target 0 means "never stop" (the docs of the field), even at an exact 0 error.
+        hit = np.nonzero((errors[:done] <= config.target_relative_error)
+                         & (config.target_relative_error > 0))[0]
         if hit.size and summary["steps_to_target"] is None:
           summary["steps_to_target"] = first + int(hit[0]) + 1
           if summary["status"] == "running":
@@ -848,8 +855,15 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
       summary["status"] = "failed"
     if summary["run_seconds"] > 0:
       summary["steps_per_second"] = summary["steps"] / summary["run_seconds"]
-    _writing(summary_path, lambda: write_json(summary_path, summary))
-    _plot(history, summary, workdir)
+    try:
+      _writing(summary_path, lambda: write_json(summary_path, summary))
+      _plot(history, summary, workdir)
+    except WriteError as e:
+      if finished:
+        raise
+      # The error that stopped the run propagates; this one (a full disk, likely the
+      # same cause) is only logged.
+      logging.error("%s", e)
   if summary["status"] == "diverged":
     raise DivergedError(summary["diverged_at_step"], workdir)
   if summary["status"] == "interrupted":

@@ -115,9 +115,11 @@ def main(argv):
   """flags -> ``experiment.Config`` -> ``experiment.run``; errors become one line."""
   for noisy in ("jax._src.xla_bridge", "matplotlib"):
     std_logging.getLogger(noisy).setLevel(std_logging.WARNING)
-  # orbax logs dozens of INFO lines per checkpoint through absl's logger; keep its warnings.
+  # orbax logs dozens of INFO lines per checkpoint through absl's logger, and a failed
+  # write as a traceback from its worker thread. Every failure of a save or restore
+  # reaches jrelu as an exception, which the binary reports in one line.
   std_logging.getLogger("absl").addFilter(
-      lambda record: record.levelno >= std_logging.WARNING or "orbax" not in record.pathname)
+      lambda record: record.levelno >= std_logging.CRITICAL or "orbax" not in record.pathname)
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; every setting is a --flag", 2)
   if not _WORKDIR.value:
