@@ -23,7 +23,10 @@ own.
 
 :func:`run` writes into ``workdir``: ``metrics.jsonl`` (one JSON object per logged chunk),
 ``summary.json`` (the resolved config, wire bits read from the compiled program, status,
-timings) and ``relative_error.png`` when matplotlib is installed.
+timings), ``checkpoints/`` (``jrelu.checkpoint``) and ``relative_error.png`` when
+matplotlib is installed. It holds a lock on the workdir, resumes the run a checkpoint of
+the same settings holds (bit-identically) and refuses one of other settings; every file
+carries the run's id, and every write is atomic.
 """
 
 from __future__ import annotations
