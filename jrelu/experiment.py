@@ -544,15 +544,22 @@ def _differences(saved: dict, now: dict) -> str:
 
 
 def _delete_run_files(workdir: str, why: str) -> None:
-  """Deletes the files of an earlier run in ``workdir``, logging each one."""
-  for name in RUN_FILES + (CHECKPOINT_DIR,):
+  """Deletes the files of an earlier run in ``workdir``, logging each one.
+
+  ``checkpoints/`` goes first, renamed away in one step, so that a process killed while
+  deleting never leaves a half-deleted checkpoint that looks complete.
+  """
+  trash = os.path.join(workdir, "." + CHECKPOINT_DIR + ".deleted")
+  for name in (CHECKPOINT_DIR,) + RUN_FILES:
     path = os.path.join(workdir, name)
     if os.path.lexists(path):
       logging.warning("%s: deleting %s", why, path)
-      if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, onerror=_unless_gone)
+      if name == CHECKPOINT_DIR and os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(trash, onerror=_unless_gone)
+        os.replace(path, trash)
       else:
         os.remove(path)
+  shutil.rmtree(trash, onerror=_unless_gone)
 
 
 def _unless_gone(function, path, exc_info):
@@ -560,6 +567,17 @@ def _unless_gone(function, path, exc_info):
   del function, path
   if not issubclass(exc_info[0], FileNotFoundError):
     raise exc_info[1]
+
+
+def _reading(workdir: str, step: int, read: Callable):
+  """Runs ``read()``; any failure to read a checkpoint becomes a ConfigError saying so."""
+  try:
+    return read()
+  except Exception as e:  # pylint: disable=broad-except  # orbax raises many kinds
+    raise ConfigError("workdir", f"workdir={workdir!r}: its checkpoint of step {step} "
+                      f"cannot be read ({type(e).__name__}: "
+                      f"{(str(e).splitlines() or [''])[0]}); run with fresh=True to "
+                      "delete it") from None
 
 
 def _prepare_workdir(workdir: str, identity: dict, fresh: bool) -> dict | None:
@@ -578,7 +596,7 @@ def _prepare_workdir(workdir: str, identity: dict, fresh: bool) -> dict | None:
     return None
   step = checkpoint.latest_step(ckpt_dir)
   if step is not None:
-    saved = checkpoint.read_metadata(ckpt_dir, step)
+    saved = _reading(workdir, step, lambda: checkpoint.read_metadata(ckpt_dir, step))
     if saved["config"] == identity:
       return saved
     saved_settings = saved["config"]
@@ -758,7 +776,8 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
   }
   history = []
   if resumed is not None:
-    state, _ = checkpoint.restore(ckpt_dir, like=state)
+    state, _ = _reading(workdir, resumed["progress"]["checkpoint_step"],
+                        lambda: checkpoint.restore(ckpt_dir, like=state))
     history = resumed["history"]
     summary.update(resumed["progress"])
     if summary["status"] == "interrupted":

@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import resource
+import shutil
 
 import jax
 import numpy as np
@@ -164,3 +165,14 @@ def test_checkpoint_settings_are_checked(tmp_path, name):
   with pytest.raises(experiment.ConfigError, match=f"{name}=0: must be"):
     experiment.run(experiment.Config(**SMALL), str(tmp_path),
                    devices=jax.devices()[:DEVICES], **{name: 0})
+
+
+def test_an_unreadable_checkpoint_is_one_error_and_fresh_clears_it(tmp_path):
+  config = experiment.Config(**SMALL)
+  checkpoint.save(str(tmp_path / "checkpoints"), 4, [np.zeros(2)],
+                  {"config": experiment._identity(config, DEVICES)})
+  shutil.rmtree(tmp_path / "checkpoints" / "4" / "metadata")  # damaged by hand
+  with pytest.raises(experiment.ConfigError, match="checkpoint of step 4 cannot be read"):
+    run(config, tmp_path)
+  experiment._delete_run_files(str(tmp_path), "test")
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
