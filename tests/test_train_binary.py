@@ -174,6 +174,10 @@ def logged_step(workdir) -> int:
 def start_binary(workdir):
   argv = [f"--{k}={v}" for k, v in RESUMABLE.items()]
   env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  # The suite's compilation cache: the resumed process compiles what the first one did.
+  env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return subprocess.Popen(
       [sys.executable, "-m", "jrelu.train", *argv, "--checkpoint_every=50",
        f"--workdir={workdir}"], cwd=workdir.parent, env=env, stderr=subprocess.PIPE,
