@@ -15,6 +15,8 @@ import json
 import os
 import resource
 import shutil
+import signal
+import threading
 
 import jax
 import numpy as np
@@ -176,3 +178,26 @@ def test_an_unreadable_checkpoint_is_one_error_and_fresh_clears_it(tmp_path):
     run(config, tmp_path)
   experiment._delete_run_files(str(tmp_path), "test")
   assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
+def test_sigterm_checkpoints_says_interrupted_and_resumes_bit_identically(tmp_path):
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip("signal handlers are installed from the main thread only")
+  config = experiment.Config(**SMALL, compressor="sign", scaled_sign=True,
+                             error_feedback=True)
+
+  def terminate(record):
+    if record["step"] == 6:
+      os.kill(os.getpid(), signal.SIGTERM)  # handled: the run stops after this chunk
+
+  workdir = tmp_path / "stopped"
+  with pytest.raises(experiment.Interrupted) as info:
+    run(config, workdir, callbacks=[terminate])
+  assert (info.value.signum, info.value.step) == (signal.SIGTERM, 6)
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert (summary["status"], summary["signal"], summary["interrupted_at_step"],
+          summary["checkpoint_step"]) == ("interrupted", "SIGTERM", 6, 6)
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is restored
+  run(config, workdir)
+  run(config, tmp_path / "straight")
+  helpers.assert_same_run(workdir, tmp_path / "straight")
