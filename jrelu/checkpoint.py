@@ -80,7 +80,12 @@ def save(directory: str, step: int, tree, metadata: dict | None = None, *,
 
 
 def latest_step(directory: str) -> int | None:
-  """The step of the newest complete checkpoint under ``directory``, or None if none."""
+  """The step of the newest complete checkpoint under ``directory``, or None if none.
+
+  Example:
+    >>> latest_step("runs/x/checkpoints")
+    500
+  """
   if not os.path.isdir(directory):
     return None
   _, manager = _manager(directory)
@@ -157,6 +162,10 @@ def read_metadata(directory: str, step: int | None = None) -> dict:
 
   Raises:
     FileNotFoundError: when ``directory`` holds no complete checkpoint (of ``step``).
+
+  Example:
+    >>> read_metadata("runs/x/checkpoints")["config"]["seed"]
+    0
   """
   if step is None:
     step = latest_step(directory)

@@ -447,7 +447,10 @@ def check_workdir(workdir: str) -> None:
 
 
 class WriteError(RuntimeError):
-  """A file of the run could not be written (full disk, quota, ...); ``path`` names it."""
+  """A file of the run could not be written (full disk, quota, ...); ``path`` names it.
+
+  The message is one line, e.g. ``cannot write runs/x/metrics.jsonl: File too large``.
+  """
 
   def __init__(self, path: str, error: OSError):
     super().__init__(f"cannot write {path}: {error.strerror or error}")
@@ -455,7 +458,11 @@ class WriteError(RuntimeError):
 
 
 class Interrupted(RuntimeError):
-  """SIGINT or SIGTERM stopped the run after a checkpoint; ``signum`` and ``step`` say which."""
+  """SIGINT or SIGTERM stopped the run after a checkpoint; ``signum`` and ``step`` say which.
+
+  ``summary.json`` then says ``"status": "interrupted"``; calling :func:`run` again with
+  the same settings resumes. ``jrelu.train`` exits with ``128 + signum`` (130, 143).
+  """
 
   def __init__(self, signum: int, step: int, num_steps: int):
     name = signal.Signals(signum).name
@@ -488,6 +495,9 @@ def append_line(path: str, line: str) -> None:
 
   Raises:
     WriteError: naming ``path`` when the line cannot be written.
+
+  Example:
+    >>> append_line("runs/x/metrics.jsonl", json.dumps({"step": 100}))
   """
   data = (line + "\n").encode()
 
