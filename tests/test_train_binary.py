@@ -4,6 +4,9 @@ The bad-flag table goes through the binary's own flag definitions, parser and er
 formatting (``train.define_config_flags``, ``train.config_from_flags``, ``train.as_flags``)
 in this process; three of its rows also run as subprocesses, to show that what reaches a
 user is one line on stderr and exit status 2, never a traceback.
+
+One test stops the real binary twice, with SIGINT (exit 130, a checkpoint, "interrupted")
+and with ``kill -9``, and checks that the resumed run equals a run never stopped.
 """
 
 import json
