@@ -186,7 +186,8 @@ def convergence_section(outdir: str, seed: int, devices):
                                log_every=50, seed=seed)
     start = time.perf_counter()
     try:
-      summary = experiment.run(config, workdir, devices=devices)
+      # fresh: a benchmark measures, so a rerun trains again instead of resuming.
+      summary = experiment.run(config, workdir, devices=devices, fresh=True)
     except experiment.DivergedError as e:
       summary = {"status": "diverged", "steps_to_target": None, "relative_error": None,
                  "wire_bits_per_step_per_device": None, "compression_ratio": None,

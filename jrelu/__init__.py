@@ -5,6 +5,7 @@ SGD" (arXiv 1901.06587). Public names only; the logic lives in the submodules.
 """
 
 from jrelu import aggregation
+from jrelu import checkpoint
 from jrelu import compressors
 from jrelu import experiment
 from jrelu import network
@@ -18,6 +19,7 @@ from jrelu.transforms import qsgd, signum
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressState", "ErrorFeedbackState", "aggregation", "compress", "compressors",
+__all__ = ["CompressState", "ErrorFeedbackState", "aggregation", "checkpoint", "compress",
+           "compressors",
            "error_feedback", "experiment", "network", "parallel", "planted", "powersgd", "qsgd", "sampling", "signum",
            "wire"]

@@ -23,16 +23,26 @@ own.
 
 :func:`run` writes into ``workdir``: ``metrics.jsonl`` (one JSON object per logged chunk),
 ``summary.json`` (the resolved config, wire bits read from the compiled program, status,
-timings) and ``relative_error.png`` when matplotlib is installed.
+timings), ``checkpoints/`` (``jrelu.checkpoint``) and ``relative_error.png`` when
+matplotlib is installed. It holds a lock on the workdir, resumes the run a checkpoint of
+the same settings holds (bit-identically) and refuses one of other settings; every file
+carries the run's id, and every write is atomic.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import errno
+import fcntl
 import json
 import math
 import os
+import shutil
+import signal
+import threading
 import time
+import uuid
 from typing import Callable, Iterable
 
 from absl import logging
@@ -43,6 +53,7 @@ import optax
 
 from jrelu import _checks
 from jrelu import aggregation
+from jrelu import checkpoint
 from jrelu import compressors
 from jrelu import parallel
 from jrelu import planted
@@ -556,21 +567,250 @@ def check_workdir(workdir: str) -> None:
                       f"({e.strerror or e})") from None
 
 
+class WriteError(RuntimeError):
+  """A file of the run could not be written (full disk, quota, ...); ``path`` names it.
+
+  The message is one line, e.g. ``cannot write runs/x/metrics.jsonl: File too large``.
+  """
+
+  def __init__(self, path: str, error: OSError):
+    super().__init__(f"cannot write {path}: {error.strerror or error}")
+    self.path = path
+
+
+class Interrupted(RuntimeError):
+  """SIGINT or SIGTERM stopped the run after a checkpoint; ``signum`` and ``step`` say which.
+
+  ``summary.json`` then says ``"status": "interrupted"``; calling :func:`run` again with
+  the same settings resumes. ``jrelu.train`` exits with ``128 + signum`` (130, 143).
+  """
+
+  def __init__(self, signum: int, step: int, num_steps: int):
+    name = signal.Signals(signum).name
+    super().__init__(f"interrupted by {name} at step {step} of {num_steps}; checkpoint "
+                     "saved, run again with the same settings to resume")
+    self.signum = signum
+    self.step = step
+
+
+# The files a run owns in its workdir; a fresh run deletes them, a resumed one rewrites them.
+RUN_FILES = ("metrics.jsonl", "summary.json", "relative_error.png")
+CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = ".lock"
+TIMING_FIELDS = ("steps_per_second", "compile_seconds", "run_seconds", "checkpoint_seconds")
+
+
+def _writing(path: str, write: Callable[[], None]) -> None:
+  """Runs ``write()``; an ``OSError`` becomes a :class:`WriteError` naming ``path``."""
+  try:
+    write()
+  except OSError as e:
+    raise WriteError(path, e) from None
+
+
+def append_line(path: str, line: str) -> None:
+  """Appends ``line`` and a newline to ``path``: the whole line, or nothing.
+
+  A write that fails part way (full disk, file size limit) is cut back to the previous
+  size.
+
+  Raises:
+    WriteError: naming ``path`` when the line cannot be written.
+
+  Example:
+    >>> append_line("runs/x/metrics.jsonl", json.dumps({"step": 100}))
+  """
+  data = (line + "\n").encode()
+
+  def write():
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+      size = os.fstat(fd).st_size
+      try:
+        view = memoryview(data)
+        while view:  # a short write is retried: the retry raises the real error
+          written = os.write(fd, view)
+          if not written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+          view = view[written:]
+      except OSError:
+        os.ftruncate(fd, size)
+        raise
+    finally:
+      os.close(fd)
+
+  _writing(path, write)
+
+
+def _lock(workdir: str):
+  """Takes the workdir's exclusive lock (``fcntl.flock``); returns the open lock file.
+
+  Raises:
+    ConfigError: (field ``workdir``) when another run holds it.
+  """
+  path = os.path.join(workdir, LOCK_FILE)
+  f = open(path, "a+")
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.seek(0)
+    holder = f.read().strip() or "unknown"
+    f.close()
+    raise ConfigError("workdir", f"workdir={workdir!r} is in use by another run (pid "
+                      f"{holder}); wait for it to end or use another workdir") from None
+  f.truncate(0)
+  f.write(str(os.getpid()))
+  f.flush()
+  return f
+
+
+def _identity(config: Config, num_devices: int) -> dict:
+  """What a checkpoint must match to be resumed: every setting, N resolved."""
+  return json_safe({**dataclasses.asdict(config), "num_devices": num_devices})
+
+
+def _differences(saved: dict, now: dict) -> str:
+  return ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})"
+                   for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
+
+
+def _delete_run_files(workdir: str, why: str) -> None:
+  """Deletes the files of an earlier run in ``workdir``, logging each one.
+
+  ``checkpoints/`` goes first, renamed away in one step, so that a process killed while
+  deleting never leaves a half-deleted checkpoint that looks complete.
+  """
+  trash = os.path.join(workdir, "." + CHECKPOINT_DIR + ".deleted")
+  for name in (CHECKPOINT_DIR,) + RUN_FILES:
+    path = os.path.join(workdir, name)
+    if os.path.lexists(path):
+      logging.warning("%s: deleting %s", why, path)
+      if name == CHECKPOINT_DIR and os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(trash, onerror=_unless_gone)
+        os.replace(path, trash)
+      else:
+        os.remove(path)
+  shutil.rmtree(trash, onerror=_unless_gone)
+
+
+def _unless_gone(function, path, exc_info):
+  """``shutil.rmtree``'s onerror: a file already gone is fine (orbax may clean up too)."""
+  del function, path
+  if not issubclass(exc_info[0], FileNotFoundError):
+    raise exc_info[1]
+
+
+def _reading(workdir: str, step: int, read: Callable):
+  """Runs ``read()``; any failure to read a checkpoint becomes a ConfigError saying so."""
+  try:
+    return read()
+  except Exception as e:  # pylint: disable=broad-except  # orbax raises many kinds
+    raise ConfigError("workdir", f"workdir={workdir!r}: its checkpoint of step {step} "
+                      f"cannot be read ({type(e).__name__}: "
+                      f"{(str(e).splitlines() or [''])[0]}); run with fresh=True to "
+                      "delete it") from None
+
+
+def _prepare_workdir(workdir: str, identity: dict, fresh: bool) -> dict | None:
+  """Resolves what an earlier run left in ``workdir``; returns the metadata to resume.
+
+  With ``fresh``, the earlier run's files are deleted (each one logged). Otherwise the
+  latest checkpoint is resumed if its settings equal ``identity``; files of an earlier run
+  without a checkpoint are deleted when their settings match (nothing could be resumed).
+
+  Raises:
+    ConfigError: (field ``workdir``) when the earlier run's settings differ, naming them.
+  """
+  ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+  if fresh:
+    _delete_run_files(workdir, "fresh=True")
+    return None
+  step = checkpoint.latest_step(ckpt_dir)
+  if step is not None:
+    saved = _reading(workdir, step, lambda: checkpoint.read_metadata(ckpt_dir, step))
+    if saved["config"] == identity:
+      return saved
+    saved_settings = saved["config"]
+  else:
+    try:
+      with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+      saved_settings = {k: summary.get(k) for k in identity}
+    except (OSError, ValueError, AttributeError):
+      saved_settings = None
+    if saved_settings is None or saved_settings == identity:
+      _delete_run_files(workdir, "an earlier run left no checkpoint")
+      return None
+  raise ConfigError("workdir", f"workdir={workdir!r} holds a run with other settings: "
+                    f"{_differences(saved_settings, identity)}; run with fresh=True to "
+                    "delete it, or use another workdir")
+
+
+class _StopSignals:
+  """While active, SIGINT and SIGTERM only record that a stop was asked for.
+
+  A second signal of the same kind raises ``KeyboardInterrupt`` (the way out of a step
+  that never ends). Only installed from the main thread; old handlers are restored.
+  """
+
+  def __init__(self, active: bool):
+    self.signum = None
+    self._active = active and threading.current_thread() is threading.main_thread()
+    self._old = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum == signum:
+      raise KeyboardInterrupt
+    self.signum = signum
+    logging.warning("%s: stopping after this chunk of steps, with a checkpoint",
+                    signal.Signals(signum).name)
+
+  def __enter__(self):
+    if self._active:
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        self._old[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._old.items():
+      signal.signal(signum, handler)
+
+
 def run(config: Config, workdir: str, *, devices=None,
-        callbacks: Iterable[Callable[[dict], None]] = ()) -> dict:
+        callbacks: Iterable[Callable[[dict], None]] = (), checkpoint_every: int = 500,
+        keep_checkpoints: int = 3, fresh: bool = False, handle_signals: bool = True
+        ) -> dict:
   """Trains the planted ReLU as ``config`` says and writes the run's files to ``workdir``.
 
   Training runs in compiled chunks of ``config.log_every`` steps (one ``lax.scan`` each)
   and stops early once ``config.target_relative_error`` is reached. After each chunk the
   metrics line is appended to ``metrics.jsonl``, logged, and passed to every callback.
 
+  One run per workdir: ``run`` holds an exclusive lock on ``workdir/.lock`` while it
+  runs. At the first chunk boundary at or after every ``checkpoint_every`` steps, and
+  at the end, the whole state (params, the optax state with its PRNG keys, residuals and
+  factors, the step) goes to ``workdir/checkpoints/<step>`` with the settings, the run id
+  and the metrics so far. Calling ``run`` again with the same settings resumes from the
+  latest checkpoint and ends bit-identical to an uninterrupted run (params, opt state,
+  every metric but the timings); ``metrics.jsonl`` is cut back to the checkpoint, so
+  each logged step appears exactly once. A checkpoint written under other settings is
+  refused, unless ``fresh``, which deletes the earlier run's files (each one logged).
+
   Args:
     config: the run's settings (validated here).
-    workdir: directory for ``metrics.jsonl``, ``summary.json`` and the plot.
+    workdir: directory for ``metrics.jsonl``, ``summary.json``, the plot and
+      ``checkpoints/``.
     devices: the N devices; default ``jrelu.parallel.setup_devices(config.num_devices)``.
     callbacks: functions called with each metrics line (a dict with ``step``,
       ``relative_error``, ``loss``, ``steps_per_second``, ``run_seconds``,
-      ``cumulative_wire_bits_per_device``).
+      ``cumulative_wire_bits_per_device``, ``run_id``).
+    checkpoint_every: steps between checkpoints (>= 1), rounded up to a chunk boundary.
+    keep_checkpoints: how many of the latest checkpoints to keep (>= 1).
+    fresh: delete an earlier run's files in ``workdir`` instead of resuming it.
+    handle_signals: from the main thread, SIGINT and SIGTERM stop the run at the end
+      of the current chunk with a checkpoint and ``"status": "interrupted"`` (then
+      :class:`Interrupted` is raised).
 
   Returns:
     The summary dict also written to ``summary.json``.
@@ -578,15 +818,22 @@ def run(config: Config, workdir: str, *, devices=None,
   Raises:
     ConfigError: for a bad setting, a batch not divisible by N, a config whose
       estimated memory exceeds what is available (:func:`check_memory`), a
-      ``JAX_PLATFORMS`` whose backend cannot start, or an unwritable ``workdir``.
+      ``JAX_PLATFORMS`` whose backend cannot start, an unwritable ``workdir``, a
+      ``workdir`` in use by another run, or a checkpoint of other settings.
     DivergedError: when a loss or the weights become NaN or Inf (``summary.json`` is
       still written, with ``"status": "diverged"``).
+    Interrupted: after SIGINT or SIGTERM (``summary.json`` says ``"interrupted"``).
+    WriteError: when a file of the run cannot be written, naming it.
 
   Example:
     >>> summary = run(Config(num_steps=200), "runs/qsgd")
     >>> summary["relative_error"], summary["wire_bits_per_step_per_device"]
   """
   config = resolve(config.validate())
+  checkpoint_every = _check("checkpoint_every", _checks.integer, checkpoint_every, 1,
+                            _checks.INT32_MAX, _INT32_WHY)
+  keep_checkpoints = _check("keep_checkpoints", _checks.integer, keep_checkpoints, 1,
+                            _checks.INT32_MAX, _INT32_WHY)
   if devices is None:
     try:
       devices = parallel.setup_devices(config.num_devices)
@@ -610,6 +857,24 @@ def run(config: Config, workdir: str, *, devices=None,
                         f"'integer_psum': {e}") from None
   check_memory(config, devices)
   check_workdir(workdir)
+  lock = _lock(workdir)
+  try:
+    with _StopSignals(handle_signals) as stop:
+      return _run_locked(config, workdir, devices, callbacks, checkpoint_every,
+                         keep_checkpoints, fresh, stop)
+  finally:
+    lock.close()
+
+
+def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_checkpoints,
+                fresh, stop):
+  """:func:`run` once the workdir is locked."""
+  n_dev = len(devices)
+  identity = _identity(config, n_dev)
+  resumed = _prepare_workdir(workdir, identity, fresh)
+  ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  summary_path = os.path.join(workdir, "summary.json")
 
   key = jax.random.key(config.seed)
   w_key, data_key, init_key, tx_key, batch_key = jax.random.split(key, 5)
@@ -622,19 +887,26 @@ def run(config: Config, workdir: str, *, devices=None,
   state, data, batch_key = parallel.replicate(
       (parallel.init_state(params, tx), (dataset, w_star), batch_key), devices)
 
-  bits = wire.measure(parallel.wrap(config.parallel, step, devices), state, data, batch_key)
+  programs_depend_on = {k: v for k, v in identity.items()
+                        if k not in ("num_steps", "target_relative_error", "log_every")}
+  cache_key = (json.dumps(programs_depend_on, sort_keys=True),
+               tuple(d.id for d in devices))
+  bits = _cached(cache_key + ("wire",), lambda: wire.measure(
+      parallel.wrap(config.parallel, step, devices), state, data, batch_key))
   float32_bits = aggregation.float32_allreduce_bits((config.dim,), n_dev)
   codec = make_codec(config, n_dev)
   initial_error = float(planted.relative_error(params, w_star))
   summary = {
       **dataclasses.asdict(config),
       "workdir": workdir,
+      "run_id": uuid.uuid4().hex[:16],
       "status": "running",
       "method": describe(config),
       "initial_relative_error": initial_error,
       "relative_error": initial_error,
       "steps": 0,
       "steps_to_target": None,
+      "checkpoint_step": None,
       "wire_bits_per_step_per_device": bits.sent_bits,
       "predicted_wire_bits_per_step_per_device": predicted_wire_bits(config, params, n_dev),
       "wire_operand_bits_per_step_per_device": bits.operand_bits,
@@ -645,72 +917,154 @@ def run(config: Config, workdir: str, *, devices=None,
       "steps_per_second": None,
       "compile_seconds": 0.0,
       "run_seconds": 0.0,
+      "checkpoint_seconds": 0.0,
       "num_devices": n_dev,
       "jax_version": jax.__version__,
       "backend": jax.default_backend(),
   }
+  history = []
+  if resumed is not None:
+    state, _ = _reading(workdir, resumed["progress"]["checkpoint_step"],
+                        lambda: checkpoint.restore(ckpt_dir, like=state))
+    history = resumed["history"]
+    summary.update(resumed["progress"])
+    if summary["status"] == "interrupted":
+      summary["status"] = "running"
+    summary.pop("interrupted_at_step", None)
+    summary.pop("signal", None)
+    lines = "".join(json.dumps(r) + "\n" for r in history)
+    _writing(metrics_path, lambda: _write_text(metrics_path, lines))
+    logging.info("resuming run %s from its checkpoint at step %d", summary["run_id"],
+                 summary["steps"])
+  else:
+    _writing(metrics_path, lambda: _write_text(metrics_path, ""))
+  _writing(summary_path, lambda: write_json(summary_path, summary))
   if bits.sent_bits:
     logging.info("wire: %.0f bits per step per device (float32 all-reduce: %.0f, %.1fx fewer)",
                  bits.sent_bits, float32_bits, summary["compression_ratio"])
   else:
     logging.info("wire: no traffic between devices (%d device)", n_dev)
 
-  programs = {}
-  history = []
+  def save_checkpoint():
+    if summary["checkpoint_step"] == summary["steps"]:
+      return
+    summary["checkpoint_step"] = summary["steps"]
+    progress = {k: summary[k] for k in (
+        "run_id", "status", "relative_error", "steps", "steps_to_target",
+        "checkpoint_step", "compile_seconds", "run_seconds", "checkpoint_seconds")}
+    metadata = {"config": identity, "progress": progress, "history": history}
+    start = time.perf_counter()
+    _writing(ckpt_dir, lambda: checkpoint.save(ckpt_dir, summary["steps"], state, metadata,
+                                              keep=keep_checkpoints))
+    summary["checkpoint_seconds"] += time.perf_counter() - start
+
+  finished = False
   try:
-    with open(os.path.join(workdir, "metrics.jsonl"), "w") as metrics_file:
-      while summary["steps"] < config.num_steps and summary["status"] == "running":
-        length = min(config.log_every, config.num_steps - summary["steps"])
-        if length not in programs:
-          start = time.perf_counter()
-          chunk = parallel.wrap(config.parallel, parallel.scan_steps(step, length), devices)
-          programs[length] = chunk.lower(state, data, batch_key).compile()
-          summary["compile_seconds"] += time.perf_counter() - start
-        start = time.perf_counter()
-        state, metrics = programs[length](state, data, batch_key)
-        errors = np.asarray(metrics["relative_error"][0])
-        losses = np.asarray(metrics["loss"]).mean(axis=0)
-        elapsed = time.perf_counter() - start
-        summary["run_seconds"] += elapsed
-        first = summary["steps"]
-        summary["steps"] += length
-        bad = np.nonzero(~(np.isfinite(errors) & np.isfinite(losses)))[0]
-        if bad.size:
-          summary["status"] = "diverged"
-          summary["diverged_at_step"] = first + int(bad[0]) + 1
-          summary["steps"] = first + int(bad[0])
-          break
-        hit = np.nonzero(errors <= config.target_relative_error)[0]
+    while (summary["steps"] < config.num_steps and summary["status"] == "running"
+           and stop.signum is None):
+      length = min(config.log_every, config.num_steps - summary["steps"])
+      start = time.perf_counter()
+      program = _cached(cache_key + (length,), lambda: parallel.wrap(
+          config.parallel, parallel.scan_steps(step, length), devices).lower(
+              state, data, batch_key).compile())
+      summary["compile_seconds"] += time.perf_counter() - start
+      start = time.perf_counter()
+      new_state, metrics = program(state, data, batch_key)
+      errors = np.asarray(metrics["relative_error"][0])
+      losses = np.asarray(metrics["loss"]).mean(axis=0)
+      elapsed = time.perf_counter() - start
+      summary["run_seconds"] += elapsed
+      first = summary["steps"]
+      bad = np.nonzero(~(np.isfinite(errors) & np.isfinite(losses)))[0]
+      done = int(bad[0]) if bad.size else length  # the chunk's finite steps
+      summary["steps"] = first + done
+      if bad.size:
+        summary["status"] = "diverged"
+        summary["diverged_at_step"] = first + done + 1
+      else:
+        state = new_state
+      if done:
+        # target 0 means "never stop" (the docs of the field), even at an exact 0 error.
+        hit = np.nonzero((errors[:done] <= config.target_relative_error)
+                         & (config.target_relative_error > 0))[0]
         if hit.size and summary["steps_to_target"] is None:
           summary["steps_to_target"] = first + int(hit[0]) + 1
-          summary["status"] = "reached_target"
-        summary["relative_error"] = float(errors[-1])
+          if summary["status"] == "running":
+            summary["status"] = "reached_target"
+        summary["relative_error"] = float(errors[done - 1])
         record = {
             "step": summary["steps"],
-            "relative_error": float(errors[-1]),
-            "loss": float(losses[-1]),
+            "relative_error": float(errors[done - 1]),
+            "loss": float(losses[done - 1]),
             "steps_per_second": length / elapsed,
             "run_seconds": summary["run_seconds"],
             "cumulative_wire_bits_per_device": summary["steps"] * bits.sent_bits,
+            "run_id": summary["run_id"],
         }
         history.append(record)
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        append_line(metrics_path, json.dumps(record))
         logging.info("step %d/%d  relative_error %.3e  loss %.3e  %.0f steps/s",
                      record["step"], config.num_steps, record["relative_error"],
                      record["loss"], record["steps_per_second"])
         for callback in callbacks:
           callback(record)
-  finally:
-    if summary["status"] == "running":
+      if (summary["status"] != "diverged" and summary["steps"] // checkpoint_every
+          > (summary["checkpoint_step"] or 0) // checkpoint_every):
+        save_checkpoint()
+    if stop.signum is not None and summary["status"] == "running":
+      summary["status"] = "interrupted"
+      summary["interrupted_at_step"] = summary["steps"]
+      summary["signal"] = signal.Signals(stop.signum).name
+    elif summary["status"] == "running":
       summary["status"] = "finished"
+    if summary["status"] != "diverged":
+      save_checkpoint()
+    finished = True
+  finally:
+    if not finished and summary["status"] == "running":
+      summary["status"] = "failed"
     if summary["run_seconds"] > 0:
       summary["steps_per_second"] = summary["steps"] / summary["run_seconds"]
-    write_json(os.path.join(workdir, "summary.json"), summary)
-    _plot(history, summary, workdir)
+    try:
+      _writing(summary_path, lambda: write_json(summary_path, summary))
+      _plot(history, summary, workdir)
+    except WriteError as e:
+      if finished:
+        raise
+      # The error that stopped the run propagates; this one (a full disk, likely the
+      # same cause) is only logged.
+      logging.error("%s", e)
   if summary["status"] == "diverged":
     raise DivergedError(summary["diverged_at_step"], workdir)
+  if summary["status"] == "interrupted":
+    raise Interrupted(stop.signum, summary["steps"], config.num_steps)
   return summary
+
+
+# Compiled programs (and wire reports) of recent runs, by settings, devices and chunk
+# length: a run again with the same settings in this process (a resume, a benchmark
+# repeat) does not trace and compile them again. Same settings, same programs: the
+# config determines every constant they hold (keys included).
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+_PROGRAMS_KEPT = 8
+
+
+def _cached(key, build: Callable):
+  if key in _PROGRAMS:
+    _PROGRAMS.move_to_end(key)
+  else:
+    _PROGRAMS[key] = build()
+    while len(_PROGRAMS) > _PROGRAMS_KEPT:
+      _PROGRAMS.popitem(last=False)
+  return _PROGRAMS[key]
+
+
+def _write_text(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` atomically (temp file + rename)."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
 
 
 def _plot(history, summary, workdir):
@@ -736,5 +1090,13 @@ def _plot(history, summary, workdir):
   fig.suptitle(f"{summary['method']}, {summary['aggregation'] or 'all-reduce'}, "
                f"{summary['num_devices']} devices, d={summary['dim']}", fontsize=10)
   fig.tight_layout()
-  fig.savefig(os.path.join(workdir, "relative_error.png"), dpi=100)
-  plt.close(fig)
+  path = os.path.join(workdir, "relative_error.png")
+
+  def write():
+    fig.savefig(path + ".tmp", dpi=100, format="png")
+    os.replace(path + ".tmp", path)
+
+  try:
+    _writing(path, write)
+  finally:
+    plt.close(fig)

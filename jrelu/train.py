@@ -15,10 +15,13 @@ A flag that the chosen compressor or schedule does not use is an error (``--num_
 with ``--compressor=sign``, ``--decay_rate`` with ``--lr_schedule=constant``,
 ``--aggregation`` with ``--compressor=powersgd``), never silently ignored.
 
-Writes ``WORKDIR/metrics.jsonl``, ``WORKDIR/summary.json`` and, when matplotlib is
-installed, ``WORKDIR/relative_error.png``. Bad flags print one line on stderr and exit with
-status 2; a run that produces NaN or Inf stops, says at which step, keeps what it wrote and
-exits with status 1.
+Writes ``WORKDIR/metrics.jsonl``, ``WORKDIR/summary.json``, ``WORKDIR/checkpoints/`` and,
+when matplotlib is installed, ``WORKDIR/relative_error.png``. Running again with the same
+``--workdir`` and flags resumes from the latest checkpoint (other flags are refused, naming
+them; ``--fresh`` starts over). Exit status: 2 for bad flags, a workdir in use or holding
+another run; 1 for NaN or Inf (the step is named) or a file that cannot be written (named);
+130 / 143 after SIGINT / SIGTERM, which stop at the end of the current chunk with a
+checkpoint and ``"status": "interrupted"``. Each failure is one line on stderr.
 """
 
 from __future__ import annotations
@@ -38,6 +41,15 @@ from jrelu import experiment
 
 PROG = "jrelu.train"
 _WORKDIR = flags.DEFINE_string("workdir", "runs/latest", "Where metrics and summary go.")
+_CHECKPOINT_EVERY = flags.DEFINE_integer(
+    "checkpoint_every", 500, "Steps between checkpoints in WORKDIR/checkpoints (rounded up "
+    "to a --log_every boundary; one more at the end). Running again with the same flags "
+    "resumes from the latest.")
+_KEEP_CHECKPOINTS = flags.DEFINE_integer(
+    "keep_checkpoints", 3, "How many of the latest checkpoints to keep.")
+_FRESH = flags.DEFINE_bool(
+    "fresh", False, "Delete an earlier run's files in --workdir (each one is logged) "
+    "instead of resuming it.")
 
 
 def define_config_flags(flag_values=flags.FLAGS) -> None:
@@ -80,7 +92,8 @@ def config_from_flags(flag_values=flags.FLAGS) -> experiment.Config:
 def as_flags(message: str) -> str:
   """Rewrites the ``name=value`` settings of a ConfigError message as ``--name=value``."""
   names = "|".join(f.name for f in dataclasses.fields(experiment.Config))
-  return re.sub(rf"(?<![\w-])({names}|workdir)=", r"--\1=", message)
+  return re.sub(rf"(?<![\w-])({names}|workdir|fresh|checkpoint_every|keep_checkpoints)=",
+                r"--\1=", message)
 
 
 def _fail(message: str, status: int):
@@ -102,16 +115,27 @@ def main(argv):
   """flags -> ``experiment.Config`` -> ``experiment.run``; errors become one line."""
   for noisy in ("jax._src.xla_bridge", "matplotlib"):
     std_logging.getLogger(noisy).setLevel(std_logging.WARNING)
+  # orbax logs dozens of INFO lines per checkpoint through absl's logger, and a failed
+  # write as a traceback from its worker thread. Every failure of a save or restore
+  # reaches jrelu as an exception, which the binary reports in one line.
+  std_logging.getLogger("absl").addFilter(
+      lambda record: record.levelno >= std_logging.CRITICAL or "orbax" not in record.pathname)
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; every setting is a --flag", 2)
   if not _WORKDIR.value:
     _fail("flag --workdir: must not be empty", 2)
   try:
-    summary = experiment.run(config_from_flags(), _WORKDIR.value)
+    summary = experiment.run(config_from_flags(), _WORKDIR.value,
+                             checkpoint_every=_CHECKPOINT_EVERY.value,
+                             keep_checkpoints=_KEEP_CHECKPOINTS.value, fresh=_FRESH.value)
   except experiment.ConfigError as e:
     _fail(as_flags(str(e)), 2)
-  except experiment.DivergedError as e:
+  except (experiment.DivergedError, experiment.WriteError) as e:
     _fail(str(e), 1)
+  except experiment.Interrupted as e:
+    _fail(str(e), 128 + e.signum)
+  except KeyboardInterrupt:
+    _fail("interrupted by a second SIGINT, without a checkpoint of the current chunk", 130)
   logging.info("done: %s after %d steps, relative_error %.3e, %.0f steps/s, summary in %s",
                summary["status"], summary["steps"], summary["relative_error"],
                summary["steps_per_second"] or 0.0,
@@ -120,7 +144,10 @@ def main(argv):
 
 def run():
   """Console entry point ``jrelu-train``."""
-  app.run(main, flags_parser=_parse_flags)
+  try:
+    app.run(main, flags_parser=_parse_flags)
+  except KeyboardInterrupt:  # SIGINT before experiment.run took over the signal
+    _fail("interrupted by SIGINT before training started", 130)
 
 
 if __name__ == "__main__":

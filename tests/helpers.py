@@ -106,3 +106,36 @@ def run_benchmark(module, *flags, cwd, timeout=600):
   lines = result.stdout.splitlines()
   assert len(lines) == 1, result.stdout
   return json.loads(lines[0])
+
+
+def run_outcome(workdir):
+  """(state arrays, summary, metrics lines) of a finished experiment.run workdir.
+
+  The timings, the run id and the workdir are left out: they differ between two runs of
+  the same settings by design. Asserts that every line carries the summary's run id.
+  """
+  from jrelu import checkpoint  # pylint: disable=g-import-not-at-top
+  from jrelu import experiment  # pylint: disable=g-import-not-at-top
+  workdir = pathlib.Path(workdir)
+  arrays, _ = checkpoint.restore(str(workdir / "checkpoints"), like=None)
+  summary = json.loads((workdir / "summary.json").read_text())
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  run_ids = {summary.pop("run_id")} | {l.pop("run_id") for l in lines}
+  assert len(run_ids) == 1, run_ids  # every line belongs to the one run
+  for record in [summary] + lines:
+    for name in experiment.TIMING_FIELDS:
+      record.pop(name, None)
+  summary.pop("workdir")
+  return arrays, summary, lines
+
+
+def assert_same_run(workdir_a, workdir_b):
+  """Two finished workdirs hold the same run: state bit for bit, summary, every line once."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  arrays_a, summary_a, lines_a = run_outcome(workdir_a)
+  arrays_b, summary_b, lines_b = run_outcome(workdir_b)
+  assert summary_a == summary_b
+  assert lines_a == lines_b  # every logged step exactly once, same values
+  assert len(arrays_a) == len(arrays_b)
+  for x, y in zip(arrays_a, arrays_b):
+    np.testing.assert_array_equal(x, y)  # bit for bit (typed keys as key data)

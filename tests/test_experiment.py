@@ -85,14 +85,18 @@ def test_last_chunk_may_be_shorter_and_target_zero_never_stops(tmp_path):
   assert on_disk["num_levels"] == 4 and on_disk["workdir"] == str(tmp_path)
 
 
-def test_divergence_raises_and_keeps_the_summary(tmp_path):
-  config = experiment.Config(**dict(TINY, learning_rate=1e4), num_steps=20, log_every=1)
+def test_divergence_raises_keeps_the_summary_and_the_chunks_finite_steps(tmp_path):
+  config = experiment.Config(**dict(TINY, learning_rate=1e4), num_steps=20, log_every=4)
   with pytest.raises(experiment.DivergedError) as info:
     experiment.run(config, str(tmp_path), devices=jax.devices()[:DEVICES])
+  bad = info.value.step
   summary = json.loads((tmp_path / "summary.json").read_text())
-  assert summary["status"] == "diverged" and summary["diverged_at_step"] == info.value.step
-  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-  assert len(lines) == info.value.step - 1
+  assert summary["status"] == "diverged" and summary["diverged_at_step"] == bad
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert bad % 4 != 1  # inside a chunk, not at its first step
+  # The chunk's steps before the bad one are logged; the run's error is the last of them.
+  assert lines[-1]["step"] == summary["steps"] == bad - 1
+  assert summary["relative_error"] == lines[-1]["relative_error"]
 
 
 def test_powersgd_summary_records_no_aggregation(tmp_path):

@@ -4,19 +4,27 @@ The bad-flag table goes through the binary's own flag definitions, parser and er
 formatting (``train.define_config_flags``, ``train.config_from_flags``, ``train.as_flags``)
 in this process; three of its rows also run as subprocesses, to show that what reaches a
 user is one line on stderr and exit status 2, never a traceback.
+
+One test stops the real binary twice, with SIGINT (exit 130, a checkpoint, "interrupted")
+and with ``kill -9``, and checks that the resumed run equals a run never stopped.
 """
 
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 from absl import flags
+import jax
 import pytest
 
 from jrelu import experiment
 from jrelu import train
+
+import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = ["--dim=50", "--num_samples=400", "--batch_size=128", "--learning_rate=0.4",
@@ -185,3 +193,71 @@ def test_every_config_field_is_a_flag_with_its_default():
   train.define_config_flags(values)
   values(["jrelu.train"])
   assert train.config_from_flags(values) == experiment.Config()
+
+
+# Long enough (40 chunks, a checkpoint every 5) that a signal lands mid-run.
+RESUMABLE = dict(dim=20, num_samples=400, batch_size=64, learning_rate=0.1,
+                 num_steps=400, log_every=10, target_relative_error=0.0)
+
+
+def logged_step(workdir) -> int:
+  """The last step in metrics.jsonl (a partly written last line is skipped)."""
+  try:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  except FileNotFoundError:
+    return 0
+  for line in reversed(lines):
+    try:
+      return json.loads(line)["step"]
+    except ValueError:
+      continue
+  return 0
+
+
+def start_binary(workdir):
+  argv = [f"--{k}={v}" for k, v in RESUMABLE.items()]
+  env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  # The suite's compilation cache: the resumed process compiles what the first one did.
+  env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return subprocess.Popen(
+      [sys.executable, "-m", "jrelu.train", *argv, "--checkpoint_every=50",
+       f"--workdir={workdir}"], cwd=workdir.parent, env=env, stderr=subprocess.PIPE,
+      text=True)
+
+
+def signal_at(process, workdir, step, signum):
+  """Sends ``signum`` once metrics.jsonl reaches ``step``; returns (exit status, stderr)."""
+  deadline = time.monotonic() + 240
+  while logged_step(workdir) < step and process.poll() is None:
+    assert time.monotonic() < deadline, "the run never reached the step"
+    time.sleep(0.05)
+  process.send_signal(signum)
+  _, stderr = process.communicate(timeout=240)
+  return process.returncode, stderr
+
+
+def test_sigint_then_kill_9_then_resume_ends_bit_identical(tmp_path, monkeypatch):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  # SIGINT: the chunk ends, a checkpoint is written, one line, exit 130.
+  status, stderr = signal_at(start_binary(workdir), workdir, 50, signal.SIGINT)
+  assert status == 130 and "Traceback" not in stderr, stderr
+  (line,) = [l for l in stderr.splitlines() if l.startswith("jrelu.train: error:")]
+  summary = json.loads((workdir / "summary.json").read_text())
+  step = summary["steps"]
+  assert summary["status"] == "interrupted" and summary["signal"] == "SIGINT"
+  assert summary["checkpoint_step"] == summary["interrupted_at_step"] == step >= 50
+  assert f"interrupted by SIGINT at step {step} of 400" in line
+  assert logged_step(workdir) == step
+  # Resumed, then kill -9 at whatever it is doing (a chunk, a metrics line, a checkpoint).
+  status, _ = signal_at(start_binary(workdir), workdir, step + 100, signal.SIGKILL)
+  assert status == -signal.SIGKILL
+  monkeypatch.setattr(experiment, "_plot", lambda *args: None)  # not compared; ~2 s a run
+  # Resumed again, here in process, to the end; and a run never stopped.
+  config = experiment.Config(**RESUMABLE)
+  devices = jax.devices()[:8]
+  experiment.run(config, str(workdir), devices=devices, checkpoint_every=50)
+  experiment.run(config, str(tmp_path / "straight"), devices=devices, checkpoint_every=50)
+  helpers.assert_same_run(workdir, tmp_path / "straight")

@@ -62,7 +62,8 @@ def run_training(config: experiment.Config, workdir: str, devices) -> dict:
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.WARNING)
   try:
-    return experiment.run(config, workdir, devices=devices)
+    # fresh: a benchmark measures, so a rerun trains again instead of resuming.
+    return experiment.run(config, workdir, devices=devices, fresh=True)
   except experiment.DivergedError:
     return summary_of(workdir)
   finally:
