@@ -11,8 +11,15 @@ import numbers
 import operator
 
 
-def integer(name: str, value, minimum: int = 1) -> int:
-  """``value`` as a Python int, or ``ValueError`` unless it is an integer >= ``minimum``.
+# The largest int32: JAX (without x64) holds counts, sizes and indices as int32.
+INT32_MAX = 2**31 - 1
+# The largest finite float32: every float setting is used as a float32.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def integer(name: str, value, minimum: int = 1, maximum: int | None = None,
+            why: str = "") -> int:
+  """``value`` as a Python int, or ``ValueError`` unless it is an integer in range.
 
   Bools are refused (``True`` is not a count). NumPy integers are accepted.
 
@@ -20,27 +27,34 @@ def integer(name: str, value, minimum: int = 1) -> int:
     name: the argument's name, used in the message.
     value: the value to check.
     minimum: the smallest allowed value.
+    maximum: the largest allowed value, or None for no bound.
+    why: the reason for ``maximum``, put in the message (e.g. ``"(int32 index)"``).
 
   Returns:
     ``int(value)``.
 
   Raises:
-    ValueError: e.g. ``"dim must be an integer >= 1, got 0"``.
+    ValueError: e.g. ``"dim must be an integer >= 1, got 0"``, or ``"seed must be an
+      integer in [0, 4294967295] (a 32-bit PRNG seed), got -1"``.
 
   Example:
     >>> integer("dim", 1000)
     1000
   """
   try:
-    ok = not isinstance(value, bool) and operator.index(value) >= minimum
+    v = operator.index(value)
+    ok = not isinstance(value, bool) and v >= minimum and (maximum is None or v <= maximum)
   except TypeError:
     ok = False
   if not ok:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    what = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    raise ValueError(f"{name} must be an integer {what}{' ' + why if why else ''}, "
+                     f"got {value!r}")
   return operator.index(value)
 
 
-def optional_integer(name: str, value, minimum: int = 1) -> int | None:
+def optional_integer(name: str, value, minimum: int = 1, maximum: int | None = None,
+                     why: str = "") -> int | None:
   """Like :func:`integer`, but ``None`` passes through (a "use the default" marker).
 
   Example:
@@ -50,9 +64,9 @@ def optional_integer(name: str, value, minimum: int = 1) -> int | None:
   if value is None:
     return None
   try:
-    return integer(name, value, minimum)
-  except ValueError:
-    raise ValueError(f"{name} must be None or an integer >= {minimum}, got {value!r}") from None
+    return integer(name, value, minimum, maximum, why)
+  except ValueError as e:
+    raise ValueError(str(e).replace(" must be ", " must be None or ", 1)) from None
 
 
 def number(name: str, value, *, low: float = -math.inf, high: float = math.inf,

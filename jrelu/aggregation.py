@@ -22,6 +22,10 @@ bit for bit, on every device:
   integers: the sum of N fields is at most ``2 L N < 2**w``, so no field overflows into
   its neighbour. Unbiased when the codec is; costs ``2 (N-1)/N`` packed-word sizes.
 
+NaN and Inf are never hidden: if any device's ``x`` holds NaN or Inf, every device's
+mean is non-finite under every strategy. The codecs poison their codes (see each codec's
+docstring), and ``integer_psum`` sends a non-finite scale as +Inf through its ``pmax``.
+
 A code's leaves (packed words, scales, indices) cross the wire as one uint32 buffer per
 collective: a collective is a rendezvous of every device, and on simulated CPU devices
 that synchronisation, not the bytes, dominates a step (``two_phase`` went from four
@@ -186,13 +190,48 @@ def _two_phase(codec, key, x, axis_name, common_key):
   return mean, local
 
 
+def integer_psum_width(compressor: base.Compressor, num_devices: int) -> int:
+  """Bits per packed field of ``integer_psum``: ``bits_for(2 L N + 1)``, L = ``max_level``.
+
+  The sum of N devices' offset levels is at most ``2 L N``; it must fit a field of one
+  uint32 word and, once the offset ``N L`` is removed, an int32.
+
+  Args:
+    compressor: a shared-scale integer codec (``integer_sum``).
+    num_devices: N.
+
+  Returns:
+    The field width in bits.
+
+  Raises:
+    ValueError: if ``2 L N + 1 > 2^31`` (e.g. QSGD with ``num_levels=2**24`` on 128
+      devices), saying which product is too large.
+
+  Example:
+    >>> integer_psum_width(qsgd(4), 8)   # sums of 8 levels in [-4, 4]: 0..64
+    7
+  """
+  n = _checks.integer("num_devices", num_devices)
+  top = compressor.max_level
+  if 2 * top * n + 1 > 2**31:
+    raise ValueError(f"integer_psum on {n} devices with max_level={top} sums levels up to "
+                     f"2 * {top} * {n} = {2 * top * n}, more than an int32 holds; use fewer "
+                     "levels or another aggregation")
+  return bitpack.bits_for(2 * top * n + 1)
+
+
 def _integer_psum(compressor, key, x, axis_name, common_key):
   compressor = _bind(compressor, common_key, 0)
   n = jax.lax.axis_size(axis_name)
   top = compressor.max_level
-  width = bitpack.bits_for(2 * top * n + 1)
+  width = integer_psum_width(compressor, n)
   d = base.num_elements(x.shape)
-  scales = jax.lax.pmax(compressor.scales(x), axis_name)
+  # A NaN or Inf input gives a non-finite scale. It is sent as +Inf: XLA's CPU pmax may
+  # drop a NaN, never an Inf. Every device then shares scale Inf for that bucket, which
+  # dequantizes to NaN (levels are 0 there), so a broken worker is never averaged away,
+  # at no extra bits.
+  own = compressor.scales(x)
+  scales = jax.lax.pmax(jnp.where(jnp.isfinite(own), own, jnp.inf), axis_name)
   levels = compressor.quantize(key, x, scales)
   words = bitpack.pack_aligned(levels + top, width)
   total = bitpack.unpack_aligned(jax.lax.psum(words, axis_name), width, d)
@@ -282,7 +321,7 @@ def wire_bits(strategy: str, compressor: base.Compressor, shape, num_devices: in
   if strategy == "all_gather":
     return (n - 1) * compressor.wire_bits(tuple(shape))
   if strategy == "integer_psum":
-    width = bitpack.bits_for(2 * compressor.max_level * n + 1)
+    width = integer_psum_width(compressor, n)
     words = compressor.num_scales(tuple(shape)) + bitpack.aligned_words(d, width)
     return 2 * (n - 1) / n * 32 * words
   return 2 * (n - 1) * compressor.wire_bits((chunk_size(d, n),))

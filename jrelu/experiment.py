@@ -202,17 +202,35 @@ def _check(field: str, check: Callable, value, *args, **kwargs):
     raise ConfigError(field, f"{field}={value!r}: {reason}") from None
 
 
+# The largest seed: jax.random.key takes a 32-bit seed (without x64 a larger Python int
+# wraps modulo 2^32, so two seeds would give the same run).
+MAX_SEED = 2**32 - 1
+_INT32_WHY = "(JAX counts and indexes in int32)"
+
+
 def _validate(config: Config) -> None:
   for name in ("dim", "num_samples", "batch_size", "num_steps", "log_every"):
-    _check(name, _checks.integer, getattr(config, name))
-  for name in ("num_devices", "decay_steps", "num_levels", "bucket_size", "k", "budget",
-               "rank"):
-    _check(name, _checks.optional_integer, getattr(config, name))
-  _check("seed", _checks.integer, config.seed, 0)
-  _check("learning_rate", _checks.number, config.learning_rate, low=0.0, low_open=True)
-  _check("noise_std", _checks.number, config.noise_std, low=0.0)
+    _check(name, _checks.integer, getattr(config, name), 1, _checks.INT32_MAX, _INT32_WHY)
+  for name in ("num_devices", "decay_steps", "bucket_size", "k", "budget", "rank"):
+    _check(name, _checks.optional_integer, getattr(config, name), 1, _checks.INT32_MAX,
+           _INT32_WHY)
+  _check("num_levels", _checks.optional_integer, config.num_levels, 1,
+         compressors.QSGD.MAX_LEVELS, "(float32 must represent every level 0..s exactly)")
+  _check("seed", _checks.integer, config.seed, 0, MAX_SEED,
+         "(jax.random.key takes a 32-bit seed)")
+  # Floats are used as float32: finite and at most float32's largest value.
+  top = _checks.FLOAT32_MAX
+  _check("learning_rate", _checks.number, config.learning_rate, low=0.0, high=top,
+         low_open=True)
+  _check("noise_std", _checks.number, config.noise_std, low=0.0, high=top)
   _check("momentum", _checks.number, config.momentum, low=0.0, high=1.0, high_open=True)
-  _check("target_relative_error", _checks.number, config.target_relative_error, low=0.0)
+  _check("target_relative_error", _checks.number, config.target_relative_error, low=0.0,
+         high=top)
+  for name in ("clip_factor", "dither_scale"):
+    if getattr(config, name) is not None:
+      _check(name, _checks.number, getattr(config, name), low=0.0, high=top, low_open=True)
+  if config.fraction is not None:
+    _check("fraction", _checks.number, config.fraction, low=0.0, high=1.0, low_open=True)
   if config.decay_rate is not None:
     _check("decay_rate", _checks.number, config.decay_rate, low=0.0, high=1.0,
            low_open=True)
@@ -427,6 +445,109 @@ def write_json(path: str, obj) -> None:
     json.dump(json_safe(obj), f, indent=2, sort_keys=True, allow_nan=False)
     f.write("\n")
   os.replace(tmp, path)
+
+
+def estimate_memory_bytes(config: Config, num_devices: int) -> dict:
+  """The memory a run of ``config`` on ``num_devices`` devices needs, estimated in bytes.
+
+  Counts the float32 arrays that live through the run, from their shapes (no
+  allocation): the data set (``x``: ``num_samples x dim``, ``y`` and ``w_star``), which is
+  sampled once on the host and copied to every device; per device, its batch
+  (``batch_size / N x dim``, twice: the rows and the gradient's product with them), a
+  sampler permutation of ``num_samples`` int32, and 8 parameter-sized vectors (params,
+  gradient, momentum, error-feedback residual, code, decoded mean, update, spare). XLA's
+  temporaries and the compiled programs are not counted: the estimate is a lower bound
+  meant to refuse a config that cannot fit, before it allocates.
+
+  Args:
+    config: the run's settings.
+    num_devices: N.
+
+  Returns:
+    ``{"host_bytes": ..., "per_device_bytes": ...}``; on CPU the devices share host
+    memory, so the total there is ``host_bytes + N * per_device_bytes``.
+
+  Example:
+    >>> estimate_memory_bytes(Config(), 8)["per_device_bytes"]   # 4000 x 1000 data set
+    16120000
+  """
+  n_dev = _checks.integer("num_devices", num_devices)
+  d, n = config.dim, config.num_samples
+  dataset = 4 * (n * (d + 1) + d)
+  per_device = dataset + 2 * 4 * (config.batch_size // n_dev) * d + 4 * n + 8 * 4 * d
+  return {"host_bytes": dataset, "per_device_bytes": per_device}
+
+
+def available_memory_bytes(devices=None) -> dict:
+  """Memory that a run can still take: host RAM, and each accelerator's capacity.
+
+  Args:
+    devices: the run's devices, or None (then only host memory is read).
+
+  Returns:
+    ``{"host_bytes": MemAvailable of /proc/meminfo (or the free physical pages of
+    os.sysconf), "device_bytes": the first device's ``bytes_limit`` from
+    ``memory_stats()``, or None on CPU or when the backend does not say}``; either is
+    None when it cannot be read.
+
+  Example:
+    >>> available_memory_bytes()["host_bytes"] > 0
+    True
+  """
+  host = None
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          host = int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  if host is None:
+    try:
+      host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+      host = None
+  device = None
+  if devices and devices[0].platform != "cpu":
+    try:
+      device = (devices[0].memory_stats() or {}).get("bytes_limit")
+    except Exception:  # pylint: disable=broad-except  (a backend without memory stats)
+      device = None
+  return {"host_bytes": host, "device_bytes": device}
+
+
+def check_memory(config: Config, devices) -> None:
+  """Refuses a config whose estimated memory exceeds what is available.
+
+  Args:
+    config: the run's settings.
+    devices: the devices it runs on (CPU devices share host memory).
+
+  Raises:
+    ConfigError: (field ``dim``) in one line giving the estimate
+      (:func:`estimate_memory_bytes`) and the available memory
+      (:func:`available_memory_bytes`).
+
+  Example:
+    >>> check_memory(Config(dim=100_000_000), jax.devices())
+    ConfigError: dim=100000000, num_samples=4000, batch_size=1024 on 8 devices need
+    about 1.42e+04 GiB host (estimated), but 16.7 GiB is available; lower dim or ...
+  """
+  need = estimate_memory_bytes(config, len(devices))
+  have = available_memory_bytes(devices)
+  on_cpu = devices[0].platform == "cpu"
+  checks = [("host", need["host_bytes"] + (len(devices) * need["per_device_bytes"]
+                                           if on_cpu else 0), have["host_bytes"])]
+  if not on_cpu:
+    checks.append(("per device", need["per_device_bytes"], have["device_bytes"]))
+  gib = 2.0**30
+  for where, bytes_needed, bytes_available in checks:
+    if bytes_available is not None and bytes_needed > bytes_available:
+      raise ConfigError("dim", f"dim={config.dim}, num_samples={config.num_samples}, "
+                        f"batch_size={config.batch_size} on {len(devices)} devices need "
+                        f"about {bytes_needed / gib:.3g} GiB {where} (estimated), but "
+                        f"{bytes_available / gib:.3g} GiB is available; lower dim or "
+                        "num_samples")
 
 
 def check_workdir(workdir: str) -> None:
@@ -695,8 +816,10 @@ def run(config: Config, workdir: str, *, devices=None,
     The summary dict also written to ``summary.json``.
 
   Raises:
-    ConfigError: for a bad setting, a batch not divisible by N, an unwritable
-      ``workdir``, a ``workdir`` in use by another run, or a checkpoint of other settings.
+    ConfigError: for a bad setting, a batch not divisible by N, a config whose
+      estimated memory exceeds what is available (:func:`check_memory`), a
+      ``JAX_PLATFORMS`` whose backend cannot start, an unwritable ``workdir``, a
+      ``workdir`` in use by another run, or a checkpoint of other settings.
     DivergedError: when a loss or the weights become NaN or Inf (``summary.json`` is
       still written, with ``"status": "diverged"``).
     Interrupted: after SIGINT or SIGTERM (``summary.json`` says ``"interrupted"``).
@@ -707,17 +830,32 @@ def run(config: Config, workdir: str, *, devices=None,
     >>> summary["relative_error"], summary["wire_bits_per_step_per_device"]
   """
   config = resolve(config.validate())
-  checkpoint_every = _check("checkpoint_every", _checks.integer, checkpoint_every)
-  keep_checkpoints = _check("keep_checkpoints", _checks.integer, keep_checkpoints)
+  checkpoint_every = _check("checkpoint_every", _checks.integer, checkpoint_every, 1,
+                            _checks.INT32_MAX, _INT32_WHY)
+  keep_checkpoints = _check("keep_checkpoints", _checks.integer, keep_checkpoints, 1,
+                            _checks.INT32_MAX, _INT32_WHY)
   if devices is None:
     try:
       devices = parallel.setup_devices(config.num_devices)
     except ValueError as e:
       raise ConfigError("num_devices", f"num_devices={config.num_devices}: {e}") from None
+    except (RuntimeError, AssertionError) as e:  # JAX cannot start the asked-for backend
+      platforms = os.environ.get("JAX_PLATFORMS", "")
+      reason = (str(e).strip().splitlines()
+                or ["it is not installed, or has no device on this machine"])[0]
+      raise ConfigError("JAX_PLATFORMS", f"JAX_PLATFORMS={platforms!r}: JAX cannot start "
+                        f"that backend here ({reason})") from None
   n_dev = len(devices)
   if config.batch_size % n_dev:
     raise ConfigError("batch_size", f"batch_size={config.batch_size} is not divisible by "
                       f"the {n_dev} devices")
+  if config.aggregation == "integer_psum":
+    try:
+      aggregation.integer_psum_width(make_codec(config, n_dev), n_dev)
+    except ValueError as e:
+      raise ConfigError("num_levels", f"num_levels={config.num_levels}, aggregation="
+                        f"'integer_psum': {e}") from None
+  check_memory(config, devices)
   check_workdir(workdir)
   lock = _lock(workdir)
   try:

@@ -488,22 +488,26 @@ def test_skewed_noise_makes_more_workers_hurt():
 def test_one_bit_per_coordinate(shape, scaled):
   c = compressors.sign(scaled=scaled)
   d = math.prod(shape)
-  expected = 32 * math.ceil(d / 32) + (32 if scaled else 0)
+  # Unscaled: the d sign bits and the non-finite flag; scaled: d bits and the scale.
+  expected = 32 * math.ceil(d / 32) + 32 if scaled else 32 * math.ceil((d + 1) / 32)
   assert c.wire_bits(shape) == expected
   x = random_vector(d, seed=d).reshape(shape)
   assert np.all(x != 0)  # no exact zero: no coin, so the bits are exactly x < 0
   code = c.encode(jax.random.key(0), x)
   assert compressors.payload_bits(code) == expected
-  assert code.words.dtype == jnp.uint32 and code.words.shape == (math.ceil(d / 32),)
+  stream_bits = d if scaled else d + 1
+  assert code.words.dtype == jnp.uint32 and code.words.shape == (math.ceil(stream_bits / 32),)
   if scaled:
     assert code.scale.dtype == jnp.float32 and code.scale.shape == (1,)
-  # Stream bit i (bit i % 32 of word i // 32) is 1 exactly where x_i < 0; padding is 0.
+  # Stream bit i (bit i % 32 of word i // 32) is 1 exactly where x_i < 0; the flag bit d
+  # (unscaled; x is finite) and the padding are 0.
   words = np.asarray(code.words)
   stream = (words[:, None] >> np.arange(32, dtype=np.uint32)) & 1
   np.testing.assert_array_equal(stream.reshape(-1)[:d], (x.reshape(-1) < 0).astype(np.uint32))
   assert np.all(stream.reshape(-1)[d:] == 0)
   np.testing.assert_array_equal(
-      np.asarray(bitpack.unpack(code.words, 1, d)), (x.reshape(-1) < 0).astype(np.uint32))
+      np.asarray(bitpack.unpack(code.words, 1, stream_bits))[:d],
+      (x.reshape(-1) < 0).astype(np.uint32))
 
 
 def test_wire_bits_docstring_example():

@@ -106,13 +106,53 @@ BAD_INPUTS = [
     (["--compressor=top_k", "--k=0"], "--k=0"),
     (["--compressor=rand_k", "--k=5", "--fraction=0.1"], "--k=5 and --fraction=0.1 both"),
     (["--compressor=atomo", "--budget=0"], "--budget=0"),
-    (["--compressor=terngrad", "--clip_factor=-1"], "--compressor='terngrad'"),
+    (["--compressor=terngrad", "--clip_factor=-1"], "--clip_factor=-1"),
     (["--aggregation=majority_vote"], "--aggregation"),
     (["--compressor=top_k", "--aggregation=integer_psum"], "--aggregation"),
     (["--momentum=1"], "--momentum=1"),
     (["--lr_schedule=cosine"], "--lr_schedule"),
+    # Bounded by what the code represents, the reason in the line.
+    (["--seed=4294967296"], "--seed=4294967296: must be an integer in [0, 4294967295] "
+     "(jax.random.key takes a 32-bit seed)"),
+    (["--seed=-1"], "--seed=-1"),
+    (["--num_levels=16777217"], "--num_levels=16777217: must be None or an integer in "
+     "[1, 16777216] (float32 must represent every level 0..s exactly)"),
+    (["--num_levels=1000000000000"], "--num_levels=1000000000000"),
+    (["--compressor=atomo", "--budget=2147483648"], "--budget=2147483648"),
+    (["--log_every=2147483648"], "--log_every=2147483648"),
+    (["--target_relative_error=inf"], "--target_relative_error=inf"),
+    (["--learning_rate=1e39"], "--learning_rate=1e+39"),
+    (["--compressor=fo_sgd", "--dither_scale=inf"], "--dither_scale=inf"),
+    # Memory: refused before allocating, with the estimate and what is available.
+    (["--dim=100000000"], "--dim=100000000, --num_samples=4000, --batch_size=1024 on 8 "
+     "devices need about"),
 ]
 SUBPROCESS = {"--num_levels=0", "--workdir=", "--k=10 has no effect with --compressor='qsgd'"}
+
+
+def test_unusable_jax_platforms_gives_one_line(tmp_path):
+  # JAX reads JAX_PLATFORMS when it starts, so this needs a process of its own.
+  env = dict(os.environ, JAX_PLATFORMS="bogus",
+             PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  result = subprocess.run([sys.executable, "-m", "jrelu.train", *SMALL, "--num_steps=1",
+                           f"--workdir={tmp_path}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  (line,) = result.stderr.strip().splitlines()
+  assert line.startswith("jrelu.train: error: JAX_PLATFORMS='bogus': JAX cannot start"), line
+
+
+def test_memory_estimate():
+  # The data set dominates: 4 bytes x num_samples x (dim + 1), plus w_star, on the host
+  # and on each device; each device adds its batch twice, a sampler permutation and 8
+  # parameter-sized vectors.
+  config = experiment.Config(dim=1000, num_samples=4000, batch_size=1024)
+  dataset = 4 * (4000 * 1001 + 1000)
+  assert experiment.estimate_memory_bytes(config, 8) == {
+      "host_bytes": dataset,
+      "per_device_bytes": dataset + 2 * 4 * 128 * 1000 + 4 * 4000 + 8 * 4 * 1000}
+  have = experiment.available_memory_bytes()
+  assert have["host_bytes"] > 0 and have["device_bytes"] is None
 
 
 def error_line(argv, tmp_path) -> str:

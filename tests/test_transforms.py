@@ -30,7 +30,10 @@ def test_raw_uint32_key_is_accepted_and_equivalent():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"num_levels": 0}, "num_levels must be an integer >= 1, got 0"),
+    ({"num_levels": 0}, r"num_levels must be an integer in \[1, 16777216\] \(float32 must "
+     r"represent every level 0\.\.s exactly\), got 0"),
+    ({"num_levels": 2**24 + 1}, "got 16777217"),  # float32 rounds larger levels
+    ({"num_levels": 10**12}, "got 1000000000000"),
     ({"num_levels": 4, "aggregation": "ring"}, "'ring'"),
     ({"num_levels": 4, "norm": "l1"}, "'l1'"),
     ({"num_levels": 4, "bucket_size": -2}, "-2"),

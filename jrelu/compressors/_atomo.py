@@ -15,6 +15,9 @@ Algorithm 1, :func:`water_filling`. Two atomic bases are implemented:
 * **spectral** atoms of the array viewed as a matrix ``M`` (``shape[0] x prod(shape[1:])``):
   ``M = sum_i sigma_i u_i v_i^T`` (thin SVD), ``lambda_i = sigma_i``.
 
+Non-finite input (NaN or Inf anywhere): the entry-wise code has every symbol ``+tau``
+with ``tau`` NaN, the spectral code NaN weights, so either decodes to all NaN.
+
 Wire formats (fixed shapes, so that codes can cross collectives; the paper counts
 ``32 + log2(d)`` bits per sent entry, which presumes variable-length messages):
 
@@ -246,7 +249,8 @@ class Atomo(base.Compressor):
   unbiased = True
 
   def __init__(self, budget: int, atoms: str = "auto"):
-    self.budget = _checks.integer("budget", budget)
+    self.budget = _checks.integer("budget", budget, maximum=_checks.INT32_MAX,
+                                  why="(atom counts are int32)")
     self.atoms = _checks.choice("atoms", atoms, ATOMS)
 
   @staticmethod
@@ -272,11 +276,20 @@ class Atomo(base.Compressor):
   def _encode_entry(self, key, x):
     flat = jnp.ravel(x).astype(jnp.float32)
     d = flat.shape[0]
-    p, tau, saturated = _water_fill(flat, self.budget)
+    if d == 0:  # nothing to sample (water-filling needs at least one atom)
+      return AtomoEntryCode(words=bitpack.pack(jnp.zeros(0, jnp.uint32), _SYMBOL_BITS),
+                            tau=jnp.zeros((), jnp.float32), saturated=jnp.zeros(0),
+                            shape=tuple(x.shape), dtype=x.dtype)
+    finite = base.all_finite(flat)
+    p, tau, saturated = _water_fill(jnp.where(finite, flat, 0.0), self.budget)
+    saturated = saturated & finite
     # u < p with u in [0, 1): never for p = 0 (zero entries), always for p = 1.
     sent = (jax.random.uniform(key, (d,)) < p) & ~saturated
     symbols = jnp.where(saturated, _SATURATED,
                         jnp.where(sent, jnp.where(flat < 0, _MINUS_TAU, _PLUS_TAU), _NOT_SENT))
+    # A non-finite input: every symbol "+tau" with tau NaN, so it decodes to all NaN.
+    symbols = jnp.where(finite, symbols, _PLUS_TAU)
+    tau = base.poison(tau, finite)
     slots = min(self.budget, d)
     slot = jnp.where(saturated, jnp.cumsum(saturated) - 1, slots)  # slots = out of range
     table = jnp.zeros(slots, jnp.float32).at[slot].set(flat, mode="drop")
@@ -309,6 +322,10 @@ class Atomo(base.Compressor):
     valid = valid & (jnp.arange(slots) < count)
     p_sel = p[index]
     weights = jnp.where(valid, sigma[index] / jnp.where(valid, p_sel, 1.0), 0.0)
+    # A non-finite input: NaN weights and all slots valid, so it decodes to all NaN.
+    finite = base.all_finite(x)
+    weights = base.poison(weights, finite)
+    valid = valid | ~finite
     return AtomoSVDCode(u=jnp.where(valid, u[:, index], 0.0),
                         v=jnp.where(valid, vt[index, :].T, 0.0),
                         weights=weights, shape=tuple(x.shape), dtype=x.dtype)
@@ -370,7 +387,8 @@ def atomo(budget: int, atoms: str = "auto") -> Atomo:
     An :class:`Atomo` compressor.
 
   Raises:
-    ValueError: if ``budget`` is not an integer >= 1 or ``atoms`` is unknown.
+    ValueError: if ``budget`` is not an integer in ``[1, 2^31 - 1]`` (atom counts are
+      int32) or ``atoms`` is unknown.
 
   Example:
     >>> c = atomo(8)

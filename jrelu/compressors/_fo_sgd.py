@@ -41,6 +41,9 @@ Choices where the paper's abstract is silent (our choice, the standard reading):
 * The signs ``eps`` are common randomness (see ``base.Compressor.bind``). Unbound, the code
   carries a uint32 seed drawn from ``key`` and ``eps`` is regenerated from
   ``jax.random.key(seed)``; bound, ``eps`` comes from the common key and is not sent.
+* Non-finite input: ``lam`` is NaN when ``g`` holds NaN or Inf, so the code decodes to
+  NaN. ``||g||_2`` is computed on ``g`` scaled by a power of two, so it does not overflow
+  for finite ``g``.
 * Zero padding up to ``D``, and truncation of the decoded vector back to ``d``.
 * The server-side re-quantization of the paper's parameter-server loop is the ``two_phase``
   aggregation of ``jrelu.aggregation`` (re-encode of the averaged chunk).
@@ -271,7 +274,9 @@ class FOSGD(base.Compressor):
     seed_key, dither_key = jax.random.split(key)
     seed = None if self.bound else jax.random.bits(seed_key, (1,), jnp.uint32)
     u = flatten(flat, self.signs(padded, seed))
-    lam = jnp.linalg.norm(flat) * jnp.float32(self.range_factor(padded))
+    # ||g||_2 without overflow of the squares; NaN for a non-finite g, so it decodes to NaN.
+    lam = base.l2_norm(flat) * jnp.float32(self.range_factor(padded))
+    lam = base.poison(lam, base.all_finite(flat))
     q = dithered_sign(dither_key, u, lam)
     return FOSGDCode(words=bitpack.pack(q > 0, 1), dither_range=lam.reshape(1),
                      shape=tuple(x.shape), dtype=x.dtype, seed=seed)

@@ -14,6 +14,11 @@ which is at most ``min(B / s^2, sqrt(B) / s) ||v||^2`` for bucket size ``B`` (Le
 Wire format (fixed length, the "dense" layout rather than Elias coding): per coordinate one
 symbol ``2 * level + sign`` of ``ceil(log2(2 s + 1))`` bits, packed densely into uint32
 words, plus one float32 scale per bucket. A zero bucket has scale 0 and decodes to zeros.
+
+Non-finite input: a bucket holding NaN or Inf gets scale NaN and levels 0, so it decodes
+to NaN (never to finite values that an average would hide). The l2 norm is computed on
+the bucket scaled by a power of two (exact), so finite inputs up to the float32 maximum
+have finite scales.
 """
 
 from __future__ import annotations
@@ -29,6 +34,12 @@ from jrelu.compressors import base
 from jrelu.compressors import bitpack
 
 NORMS = ("l2", "max")
+# The largest s: the levels are computed in float32 as floor(s |v_i| / ||v||) plus a coin,
+# which is exact only while float32 represents every integer up to s, i.e. s <= 2^24
+# (then the symbol 2 level + sign needs 26 bits, within a 32-bit word). At s = 2^25 - 1
+# float32 rounds s itself and levels overflow the symbol field.
+MAX_LEVELS = 2**24
+MAX_LEVELS_WHY = "(float32 must represent every level 0..s exactly)"
 
 
 @base.code_class
@@ -63,10 +74,14 @@ class QSGD(base.Compressor):
   name = "qsgd"
   unbiased = True
   integer_sum = True
+  MAX_LEVELS = MAX_LEVELS
 
   def __init__(self, num_levels: int, bucket_size: int | None = None, norm: str = "l2"):
-    self.num_levels = _checks.integer("num_levels", num_levels)
-    self.bucket_size = _checks.optional_integer("bucket_size", bucket_size)
+    self.num_levels = _checks.integer("num_levels", num_levels, maximum=MAX_LEVELS,
+                                      why=MAX_LEVELS_WHY)
+    self.bucket_size = _checks.optional_integer("bucket_size", bucket_size,
+                                                maximum=_checks.INT32_MAX,
+                                                why="(an int32 size)")
     self.norm = _checks.choice("norm", norm, NORMS)
     self.symbol_bits = bitpack.bits_for(2 * self.num_levels + 1)
     self.max_level = self.num_levels
@@ -86,10 +101,17 @@ class QSGD(base.Compressor):
     return self.buckets(base.num_elements(shape))[1]
 
   def scales(self, x):
+    """float32 ``[num_buckets]``: each bucket's norm; NaN for a bucket holding NaN or Inf.
+
+    The l2 norm is computed without overflow (``base.l2_norm``), so finite buckets have
+    finite scales even when ``|x_i| >= 1e20``.
+    """
     v = self._buckets_of(x)
     if self.norm == "max":
-      return jnp.max(jnp.abs(v), axis=1)
-    return jnp.linalg.norm(v, axis=1)
+      norms = jnp.max(jnp.abs(v), axis=1, initial=0.0)
+    else:
+      norms = base.l2_norm(v, axis=1)
+    return base.poison(norms, jnp.all(jnp.isfinite(v), axis=1))
 
   def quantize(self, key, x, scales):
     signed = self._signed_levels(key, self._buckets_of(x), scales)
@@ -106,6 +128,9 @@ class QSGD(base.Compressor):
     mag = jnp.abs(v)
     safe = jnp.where(scales > 0, scales, 1.0)
     r = jnp.minimum(mag / safe[:, None] * self.num_levels, self.num_levels)
+    # A non-finite bucket (its scale is NaN, or a shared scale is Inf) gets level 0: its
+    # NaN scale carries the news, and no NaN is cast to an integer (undefined junk).
+    r = jnp.where(jnp.isfinite(r), r, 0.0)
     low = jnp.floor(r)
     round_up = jax.random.uniform(key, r.shape) < (r - low)
     level = jnp.minimum(low + round_up, self.num_levels).astype(jnp.int32)
@@ -161,7 +186,9 @@ def qsgd(num_levels: int, bucket_size: int | None = None, norm: str = "l2") -> Q
     A :class:`QSGD` compressor.
 
   Raises:
-    ValueError: if ``num_levels < 1``, ``bucket_size < 1`` or ``norm`` is unknown.
+    ValueError: if ``num_levels`` is not in ``[1, 2^24]`` (float32 represents the levels
+      exactly only up to ``2^24``), ``bucket_size`` is not in ``[1, 2^31 - 1]`` or
+      ``norm`` is unknown.
 
   Example:
     >>> c = qsgd(4, bucket_size=512)

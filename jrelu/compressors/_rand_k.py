@@ -7,6 +7,11 @@ drawn uniformly (every ``k``-subset equally likely) and ``C(x)_i = (d / k) x_i``
 in ``S``, 0 elsewhere. Each index is in ``S`` with probability ``k / d``, so ``C`` is
 unbiased, and its exact variance is ``E||C(x) - x||^2 = (d / k - 1) ||x||^2``.
 
+Non-finite input: if ``x`` holds NaN or Inf anywhere (chosen or not), every sent value is
+NaN, so the code never drops it. The rescaled values ``(d / k) x_i`` exceed the float32
+range when ``|x_i| > 3.4e38 k / d``; such an estimate decodes to Inf, not to a wrong
+finite value.
+
 The index set is the codec's common randomness (see ``base``): the receiver regenerates it
 instead of receiving ``k`` indices. Unbound, the code carries a uint32 ``seed`` drawn from
 the encode key and ``S`` comes from ``jax.random.key(seed)``: ``32 k + 32`` bits. Bound to a
@@ -137,7 +142,8 @@ class RandK(base.Compressor):
       seed = None
     indices = sample_indices(self._index_key(seed), size, k)
     flat = jnp.ravel(x).astype(jnp.float32)
-    values = flat[indices] * np.float32(size / max(k, 1))
+    # NaN or Inf anywhere, chosen or not, makes every sent value NaN: never dropped.
+    values = base.poison(flat[indices] * np.float32(size / max(k, 1)), base.all_finite(flat))
     return RandKCode(values=values, seed=seed, shape=tuple(x.shape), dtype=x.dtype)
 
   def decode(self, code):

@@ -20,8 +20,14 @@ consequence the unscaled codec maps zeros to random ``+-1``; the scaled codec ma
 all-zero array to zeros (its scale is 0). Away from
 exact zeros the codec is deterministic.
 
-Wire format: the sign bits packed 32 per uint32 word (``32 * ceil(d / 32)`` bits), plus,
-when scaled, one float32 scale (32 bits).
+Non-finite input: the IEEE sign bit of a NaN says nothing, so unscaled, one more bit
+follows the ``d`` sign bits, set when ``x`` holds NaN or Inf, and such a code decodes to
+all NaN (so majority vote cannot outvote a broken worker). Scaled, the float32 scale of
+a non-finite input is non-finite, which decoding carries into every value.
+
+Wire format: the sign bits (unscaled: and the non-finite flag) packed 32 per uint32 word
+(``32 * ceil((d + 1) / 32)`` bits unscaled, the same as ``32 * ceil(d / 32)`` unless ``d`` is
+a multiple of 32), plus, when scaled, one float32 scale (32 bits) instead of the flag.
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ class SignCode:
   """Wire payload of :class:`Sign`.
 
   Attributes:
-    words: uint32 ``[ceil(d / 32)]``, bit ``i`` of the stream (bit ``i % 32`` of word
+    words: uint32 ``[ceil(d / 32)]`` (unscaled: ``[ceil((d + 1) / 32)]``, bit ``d`` is the
+      non-finite flag), bit ``i < d`` of the stream (bit ``i % 32`` of word
       ``i // 32``) is 1 where ``x_i < 0``, read from the IEEE sign bit so that negative
       subnormals count as negative (XLA on CPU flushes them to zero in a comparison);
       an exact zero gets a coin flip from the key.
@@ -117,33 +124,47 @@ class Sign(base.Compressor):
       x: float32 or bfloat16 array of any shape, ``d`` elements.
 
     Returns:
-      A :class:`SignCode` with ``ceil(d / 32)`` words (and a float32 ``[1]`` scale when
-      scaled).
+      A :class:`SignCode` with ``ceil((d + 1) / 32)`` words (the sign bits and the
+      non-finite flag) unscaled, or ``ceil(d / 32)`` words and a float32 ``[1]`` scale
+      when scaled.
     """
     x = jnp.asarray(x)
     flat = jnp.ravel(x)
     coin = jax.random.bernoulli(key, 0.5, flat.shape)
     sign_bit, nonzero = _sign_and_magnitude_bits(flat)
     negative = jnp.where(nonzero, sign_bit, coin)
-    words = bitpack.pack(negative.astype(jnp.uint32), SIGN_BITS)
+    finite = base.all_finite(flat)
     scale = None
     if self.scaled:
-      # mean(|x|) = ||x||_1 / d in float32; d >= 1 for every shape (a scalar has d = 1).
-      scale = jnp.mean(jnp.abs(flat.astype(jnp.float32))).reshape(1)
+      # mean(|x|) = ||x||_1 / d in float32, summed without overflow; NaN or Inf in x
+      # makes it non-finite, which decodes to non-finite values.
+      scale = (base.mean_abs(flat) if flat.shape[0] else jnp.zeros(())).reshape(1)
+      bits = negative
+    else:
+      # The flag bit after the d sign bits: set when x holds NaN or Inf (the IEEE sign
+      # bit of a NaN is meaningless, and a vote would hide it), decoded to all NaN.
+      bits = jnp.concatenate([negative, (~finite).reshape(1)])
+    words = bitpack.pack(bits.astype(jnp.uint32), SIGN_BITS)
     return SignCode(words=words, scale=scale, shape=tuple(x.shape), dtype=x.dtype)
 
   def decode(self, code):
     """Returns ``+-1`` (unscaled) or ``+-scale`` (scaled), in the original shape and dtype."""
     d = base.num_elements(code.shape)
-    negative = bitpack.unpack(code.words, SIGN_BITS, d)
-    values = 1.0 - 2.0 * negative.astype(jnp.float32)
+    bits = bitpack.unpack(code.words, SIGN_BITS, self._num_bits(d))
+    values = 1.0 - 2.0 * bits[:d].astype(jnp.float32)
     if self.scaled:
       values = values * code.scale[0]
+    else:
+      values = base.poison(values, bits[d] == 0)
     return values.reshape(code.shape).astype(code.dtype)
+
+  def _num_bits(self, d: int) -> int:
+    """Bits in the stream: the d sign bits, plus the non-finite flag when unscaled."""
+    return d if self.scaled else d + 1
 
   def wire_bits(self, shape):
     d = base.num_elements(shape)
-    return 32 * bitpack.packed_words(d, SIGN_BITS) + (32 if self.scaled else 0)
+    return 32 * bitpack.packed_words(self._num_bits(d), SIGN_BITS) + (32 if self.scaled else 0)
 
 
 def sign(scaled: bool = False) -> Sign:
@@ -160,8 +181,8 @@ def sign(scaled: bool = False) -> Sign:
       ``scale * sign(x)``; if False (default) decode to exactly ``+-1``.
 
   Returns:
-    A :class:`Sign` compressor; ``wire_bits((d,))`` is ``32 * ceil(d / 32)``, plus 32 when
-    scaled.
+    A :class:`Sign` compressor; ``wire_bits((d,))`` is ``32 * ceil((d + 1) / 32)`` (sign
+    bits and the non-finite flag), or ``32 * ceil(d / 32) + 32`` when scaled.
 
   Raises:
     ValueError: if ``scaled`` is not a bool.
@@ -170,7 +191,7 @@ def sign(scaled: bool = False) -> Sign:
     >>> c = sign()
     >>> c(jax.random.key(0), jnp.array([0.5, -2.0, 3.0]))
     Array([ 1., -1.,  1.], dtype=float32)
-    >>> c.wire_bits((1000,))   # 32 words of 32 sign bits
+    >>> c.wire_bits((1000,))   # 1000 sign bits and the flag in 32 words
     1024
 
   References:

@@ -35,7 +35,7 @@ def validate_k_or_fraction(k, fraction) -> tuple[int | None, float | None]:
     raise ValueError(
         f"exactly one of k or fraction must be given, got k={k!r}, fraction={fraction!r}")
   if k is not None:
-    return _checks.integer("k", k), None
+    return _checks.integer("k", k, maximum=_checks.INT32_MAX, why="(an int32 count)"), None
   return None, _checks.number("fraction", fraction, low=0.0, high=1.0, low_open=True)
 
 

@@ -27,6 +27,11 @@ device's ``scales``) each device's ternary levels ``t_k`` are summed as integers
 device's own keeps ``|g_k| / s <= 1``, so the estimate stays unbiased (with a larger
 variance ``|g_k| (s - |g_k|)``); with clipping each device clips to the shared ``s``.
 
+Non-finite input: an array holding NaN or Inf gets scaler NaN (and levels 0), so it
+decodes to NaN and no average hides it. The clipped scaler's standard deviation is
+computed without overflow (``base.std``) and capped at the largest finite value of the
+input's dtype (which clips nothing, as it is at least ``max|g|``).
+
 Wire format: per coordinate the symbol ``t_k + 1`` in ``{0, 1, 2}`` in 2 bits, packed 16
 per uint32 word, plus the float32 scaler: ``32 * ceil(2 d / 32) + 32`` bits.
 """
@@ -115,12 +120,18 @@ class TernGrad(base.Compressor):
     Returns:
       ``[max|x|]`` without clipping, ``[clip_factor * std(x)]`` (population std) with it.
     """
-    flat = jnp.ravel(jnp.asarray(x)).astype(jnp.float32)
+    x = jnp.asarray(x)
+    flat = jnp.ravel(x).astype(jnp.float32)
     if self.clip_factor is None:
-      scale = jnp.max(jnp.abs(flat))
+      scale = jnp.max(jnp.abs(flat), initial=0.0)
+    elif flat.shape[0] == 0:
+      scale = jnp.zeros((), jnp.float32)
     else:
-      scale = self.clip_factor * jnp.std(flat)
-    return scale.reshape(1)
+      # std without overflow of its squares; capped at the largest value of x's dtype,
+      # which is >= max|x|, so the cap clips nothing and the decoded s * t stays finite.
+      top = min(float(jnp.finfo(x.dtype).max), float(jnp.finfo(jnp.float32).max))
+      scale = jnp.minimum(self.clip_factor * base.std(flat), top)
+    return base.poison(scale, base.all_finite(flat)).reshape(1)
 
   def quantize(self, key, x, scales):
     """Ternary levels of ``x`` under the given scaler.
@@ -140,6 +151,8 @@ class TernGrad(base.Compressor):
     s = scales[0]
     mag = jnp.minimum(jnp.abs(flat), s)
     prob = mag / jnp.where(s > 0, s, 1.0)  # s = 0 forces mag = 0, so prob = 0: no NaN
+    # A NaN scaler (non-finite input) or an Inf shared one: levels 0, the scaler carries it.
+    prob = jnp.where(jnp.isfinite(prob), prob, 0.0)
     fire = jax.random.uniform(key, flat.shape) < prob  # P(u < p) = p for u ~ U[0, 1)
     level = fire.astype(jnp.int32)
     return jnp.where(flat < 0, -level, level)

@@ -10,6 +10,8 @@ indices of largest ``|x_i|`` and zeroes the rest. It is deterministic and biased
 ``x_i^2``, which is at most ``(1 - k / d) ||x||^2`` (the smallest ``d - k`` squares average
 no more than all ``d`` do). It is meant to be used with error feedback (memory).
 
+Non-finite input: if ``x`` holds NaN or Inf, every sent value is NaN.
+
 Wire format: the kept values as float32 ``[k]`` and their flat indices, each in a field of
 ``bits_for(d) = ceil(log2 d)`` bits (at least 1), packed densely into uint32 words.
 """
@@ -77,7 +79,9 @@ class TopK(base.Compressor):
     size = base.num_elements(x.shape)
     flat = jnp.ravel(x).astype(jnp.float32)
     _, indices = jax.lax.top_k(jnp.abs(flat), self.num_kept(x.shape))
-    return TopKCode(values=flat[indices],
+    # NaN or Inf anywhere makes every sent value NaN (top_k's order of NaN is not to be
+    # relied on to pick it).
+    return TopKCode(values=base.poison(flat[indices], base.all_finite(flat)),
                     words=bitpack.pack(indices, _index_bits(size)),
                     shape=tuple(x.shape), dtype=x.dtype)
 

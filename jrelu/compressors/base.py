@@ -36,6 +36,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -73,6 +74,121 @@ def payload_bits(code: Any) -> int:
 def num_elements(shape) -> int:
   """Number of elements of an array of ``shape`` (1 for a scalar)."""
   return math.prod(shape)
+
+
+def all_finite(x: jax.Array) -> jax.Array:
+  """bool ``[]``: whether every entry of ``x`` is finite (True for an empty array).
+
+  Codecs use it to make a non-finite input visible in their code (see
+  :func:`poison`): a NaN or Inf on one device must never be averaged or voted away.
+
+  Example:
+    >>> bool(all_finite(jnp.array([1.0, jnp.inf])))
+    False
+  """
+  return jnp.all(jnp.isfinite(x))
+
+
+def poison(values: jax.Array, finite: jax.Array) -> jax.Array:
+  """``values`` where ``finite`` is True, else NaN of the same shape and dtype.
+
+  Every codec routes the result of :func:`all_finite` of its input through this into a
+  float leaf of its code, so decoding a code of a non-finite input gives NaN, and every
+  aggregate that includes it is non-finite.
+
+  Example:
+    >>> poison(jnp.array([1.0, 2.0]), jnp.array(False))
+    Array([nan, nan], dtype=float32)
+  """
+  return jnp.where(finite, values, jnp.asarray(jnp.nan, values.dtype))
+
+
+def overflow_free(reduce, v: jax.Array, axis=None) -> jax.Array:
+  """``reduce(v, axis)`` computed on ``v / 2^e`` and scaled back by ``2^e``.
+
+  For a homogeneous reduction (a norm, a mean of ``|v|``, a standard deviation:
+  ``reduce(c v) = |c| reduce(v)``) of float32 ``v``, squaring or summing huge finite
+  entries overflows (``||v||_2`` is ``inf`` once ``|v_i| >= 2^64``, about ``1.8e19``).
+  With ``2^e`` the largest power of two not above ``max|v|`` (per slice along ``axis``;
+  at most ``2^126``, whose reciprocal is still a normal float32) the scaled entries are
+  at most 4 in magnitude and nothing overflows; a power-of-two scaling is exact,
+  so the result is bit-identical to ``reduce(v)`` wherever that does not overflow (up to
+  entries below ``2^-126 max|v|``, which the scaling flushes to zero as subnormals).
+  Slices whose maximum is 0, subnormal (below ``finfo(float32).tiny``) or non-finite
+  are not scaled, so NaN and Inf pass through.
+
+  Args:
+    reduce: ``reduce(array, axis=..., keepdims=True)``, e.g. ``jnp.linalg.norm``-like
+      ``lambda a, axis, keepdims: jnp.sqrt(jnp.sum(a * a, axis, keepdims=keepdims))``.
+    v: float32 array.
+    axis: the reduced axis (None: all).
+
+  Returns:
+    ``reduce(v, axis)`` without the reduced axis, float32.
+
+  Example:
+    >>> overflow_free(lambda a, axis, keepdims: jnp.sqrt(jnp.sum(a * a, axis, keepdims=keepdims)),
+    ...               jnp.array([3e30, 4e30]))
+    Array(5.e+30, dtype=float32)
+  """
+  v = jnp.asarray(v, jnp.float32)
+  top = jnp.max(jnp.abs(v), axis=axis, keepdims=True, initial=0.0)
+  _, exponent = jnp.frexp(top)  # top = m 2^exponent with m in [0.5, 1)
+  usable = jnp.isfinite(top) & (top >= jnp.finfo(jnp.float32).tiny)
+  # 2^(exponent - 1) is in (top / 2, top]. Capped at 2^126: XLA divides by multiplying
+  # with the reciprocal, and 2^-127 is subnormal (flushed to 0 on CPU); 2^-126 is not.
+  power = jnp.minimum(exponent - 1, 126)
+  scale = jnp.where(usable, jnp.ldexp(jnp.ones_like(top), power), 1.0)
+  return jnp.squeeze(reduce(v / scale, axis=axis, keepdims=True) * scale, axis=axis)
+
+
+def l2_norm(v: jax.Array, axis=None) -> jax.Array:
+  """Euclidean norm of float32 ``v`` along ``axis``, without overflow (see
+  :func:`overflow_free`); NaN or Inf in a slice gives a non-finite norm.
+
+  Example:
+    >>> l2_norm(jnp.array([3e30, 4e30]))
+    Array(5.e+30, dtype=float32)
+  """
+  return overflow_free(
+      lambda a, axis, keepdims: jnp.sqrt(jnp.sum(a * a, axis=axis, keepdims=keepdims)),
+      v, axis)
+
+
+def mean_abs(v: jax.Array, axis=None) -> jax.Array:
+  """``mean(|v|)`` of float32 ``v`` along ``axis``, without overflow of the sum.
+
+  Never above ``max|v|``, as the exact mean: a float32 mean can round up past it (15
+  copies of float32's largest value scaled by ``2^-126`` average to exactly 4, which
+  scales back to Inf), so it is clamped there. NaN and Inf pass through.
+
+  Example:
+    >>> mean_abs(jnp.array([3e38, -3e38]))
+    Array(3.e+38, dtype=float32)
+  """
+  return _at_most_max(overflow_free(
+      lambda a, axis, keepdims: jnp.mean(jnp.abs(a), axis=axis, keepdims=keepdims),
+      v, axis), v, axis)
+
+
+def std(v: jax.Array, axis=None) -> jax.Array:
+  """Population standard deviation of float32 ``v`` along ``axis``, without overflow.
+
+  Never above ``max|v|`` (the exact one is not: ``std^2 <= mean(v^2) <= max|v|^2``), like
+  :func:`mean_abs`.
+
+  Example:
+    >>> std(jnp.array([1e30, -1e30]))
+    Array(1.e+30, dtype=float32)
+  """
+  return _at_most_max(overflow_free(
+      lambda a, axis, keepdims: jnp.std(a, axis=axis, keepdims=keepdims), v, axis), v, axis)
+
+
+def _at_most_max(value, v, axis):
+  """``value`` clamped to ``max|v|`` along ``axis`` where that is finite (NaN stays NaN)."""
+  top = jnp.max(jnp.abs(jnp.asarray(v, jnp.float32)), axis=axis, initial=0.0)
+  return jnp.where(jnp.isfinite(top) & (value > top), top, value)
 
 
 class Compressor(abc.ABC):
