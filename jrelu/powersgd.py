@@ -238,6 +238,8 @@ def powersgd(rank: int, *, key, axis_name: str | None = None, start_iter: int = 
   Raises:
     ValueError: if ``rank`` is not an integer >= 1, ``start_iter`` not an integer >= 0
       or ``key`` is not a PRNG key.
+    NameError: from ``update``, when ``axis_name`` is not bound (called outside
+      ``jax.pmap`` / ``jax.shard_map`` over it), saying what to do instead.
 
   Example:
     >>> tx = optax.chain(powersgd(2, key=jax.random.key(0), axis_name="data"),
@@ -291,6 +293,8 @@ def powersgd(rank: int, *, key, axis_name: str | None = None, start_iter: int = 
 
   def update_fn(updates, state, params=None):
     del params
+    if axis_name is not None:
+      transforms.bound_axis_size(axis_name, f"jrelu.powersgd.powersgd({rank})")
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     qs = treedef.flatten_up_to(state.q)
     errors = treedef.flatten_up_to(state.error)
