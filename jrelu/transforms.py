@@ -101,15 +101,19 @@ def bound_axis_size(axis_name: str, what: str) -> int:
         "without communication.") from e
 
 
+def _dtype(leaf):
+  return jnp.dtype(leaf.dtype) if hasattr(leaf, "dtype") else jnp.result_type(leaf)
+
+
 def _passes_through(leaf) -> bool:
   """Leaves with nothing to send: empty arrays and float0 (``jax.grad(allow_int=True)``)."""
-  return jnp.dtype(leaf.dtype) == jax.dtypes.float0 or jnp.size(leaf) == 0
+  return _dtype(leaf) == jax.dtypes.float0 or jnp.size(leaf) == 0
 
 
 def _check_leaves(updates, what: str) -> None:
   """Raises TypeError naming the first leaf that is neither floating nor passed through."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
-    dtype = jnp.dtype(getattr(leaf, "dtype", jnp.result_type(leaf)))
+    dtype = _dtype(leaf)
     if _passes_through(leaf) or jnp.issubdtype(dtype, jnp.floating):
       continue
     raise TypeError(
