@@ -216,6 +216,11 @@ def varying_axes(x) -> frozenset:
 
   Returns:
     The axis names, a frozenset of str.
+
+  Example:
+    >>> # inside jax.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P("data")):
+    >>> varying_axes(x)
+    frozenset({'data'})
   """
   aval = jax.typeof(x)
   manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9
