@@ -15,11 +15,10 @@ from jrelu import powersgd
 from jrelu import sampling
 from jrelu import wire
 from jrelu.transforms import CompressState, ErrorFeedbackState, compress, error_feedback
-from jrelu.transforms import qsgd, signum
+from jrelu.transforms import WireCostWarning, qsgd, signum
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressState", "ErrorFeedbackState", "aggregation", "checkpoint", "compress",
-           "compressors",
-           "error_feedback", "experiment", "network", "parallel", "planted", "powersgd", "qsgd", "sampling", "signum",
-           "wire"]
+__all__ = ["CompressState", "ErrorFeedbackState", "WireCostWarning", "aggregation", "checkpoint",
+           "compress", "compressors", "error_feedback", "experiment", "network", "parallel",
+           "planted", "powersgd", "qsgd", "sampling", "signum", "wire"]

@@ -2,7 +2,9 @@
 
 Every strategy takes one device's array ``x`` (inside ``jax.pmap`` / ``jax.shard_map`` over
 ``axis_name``) and returns an estimate of the mean of ``x`` over the axis that is identical,
-bit for bit, on every device:
+bit for bit, on every device. Under ``jax.shard_map`` the mean is also *typed* as the same
+on every device (invariant), so ``out_specs=P()`` accepts it and replicated parameters
+stay replicated:
 
 * ``psum``: encode, decode locally, then all-reduce float32 (the honest baseline: the
   compression saves nothing on the wire).
@@ -166,7 +168,7 @@ def _psum(compressor, key, x, axis_name, common_key):
 def _all_gather(compressor, key, x, axis_name, common_key):
   compressor = _bind(compressor, common_key, 0)
   code = compressor.encode(key, x)
-  codes = _fused(lambda w: jax.lax.all_gather(w, axis_name), code)
+  codes = _fused(lambda w: _all_gather_identical(w, axis_name), code)
   return jnp.mean(jax.vmap(compressor.decode)(codes), axis=0), compressor.decode(code)
 
 
@@ -184,7 +186,8 @@ def _two_phase(codec, key, x, axis_name, common_key):
   # Row j of the result is device j's code for this device's chunk.
   received = _fused(lambda w: jax.lax.all_to_all(w, axis_name, 0, 0), codes, batched=True)
   mine = jnp.mean(jax.vmap(compressor.decode)(received), axis=0)
-  gathered = _fused(lambda w: jax.lax.all_gather(w, axis_name), second.encode(gather_key, mine))
+  gathered = _fused(lambda w: _all_gather_identical(w, axis_name),
+                    second.encode(gather_key, mine))
   mean = jax.vmap(second.decode)(gathered).reshape(-1)[:d].reshape(x.shape)
   local = jax.vmap(compressor.decode)(codes).reshape(-1)[:d].reshape(x.shape)
   return mean, local
@@ -238,6 +241,44 @@ def _integer_psum(compressor, key, x, axis_name, common_key):
   summed = total.astype(jnp.int32) - n * top
   mean = compressor.dequantize(summed, scales, x.shape, jnp.float32) / n
   return mean, compressor.dequantize(levels, scales, x.shape, jnp.float32)
+
+
+def varying_axes(x) -> frozenset:
+  """Mesh axes along which ``x`` is typed as device-varying (empty outside ``shard_map``).
+
+  ``jax.shard_map`` types every value as *varying* along an axis (it may differ between
+  devices) or *invariant* (the same on every device); ``jax.pmap``, ``jax.vmap`` and
+  ``shard_map(..., check_vma=False)`` type nothing.
+
+  Args:
+    x: an array (a tracer inside a mapped function).
+
+  Returns:
+    The axis names, a frozenset of str.
+
+  Example:
+    >>> # inside jax.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P("data")):
+    >>> varying_axes(x)
+    frozenset({'data'})
+  """
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9
+  if manual is not None:
+    return frozenset(manual.varying)
+  return frozenset(getattr(aval, "vma", ()))  # older jax
+
+
+def _all_gather_identical(w, axis_name):
+  """``all_gather`` of ``w``, typed invariant where shard_map types values.
+
+  Every device receives the same gathered array, so the compressed mean decoded from it
+  is identical on every device. Saying so (``to="invarying"``) lets ``jax.shard_map``
+  return it with ``out_specs=P()`` and keeps replicated parameters replicated. The
+  program and its bits are those of a plain all-gather; where nothing is typed (pmap,
+  vmap) the plain one is used.
+  """
+  to = "invarying" if axis_name in varying_axes(w) else "varying"
+  return jax.lax.all_gather(w, axis_name, to=to)
 
 
 def _fused(collective, code, batched=False):

@@ -20,11 +20,17 @@ Its program has no collectives, so measure wire bits on ``pmapped``.
 
 Every argument and result carries a leading axis of size N (``replicate`` builds the
 inputs). Parameters therefore enter the per-device function as device-varying values,
-and ``jax.grad`` returns each device's own gradient under both wrappers. (Had the
-parameters been passed replicated, ``P()``, shard_map's autodiff would psum the gradient
-before the compressor saw it, unless they were first cast with
-``jax.lax.pcast(..., to="varying")``.) A test fails if compression ever sees a summed
-gradient.
+and ``jax.grad`` returns each device's own gradient under both wrappers. A test fails if
+compression ever sees a summed gradient.
+
+In your own ``jax.jit(jax.shard_map(...))`` you can keep the parameters replicated
+(``in_specs`` and ``out_specs`` ``P()``): differentiate a device-varying copy,
+``jax.grad(loss)(jax.lax.pcast(params, axis_name, to="varying"), ...)``, so that the
+compressor gets this device's gradient (differentiating ``params`` itself would give the
+gradient already summed over devices). The transforms' compressed mean is typed as
+invariant (``jrelu.aggregation``), so the updated parameters and an optax state without
+per-device parts (``jrelu.compress``, ``jrelu.qsgd``) return with ``P()``. README's "In
+your own optax code" has the complete program.
 """
 
 from __future__ import annotations

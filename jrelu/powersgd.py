@@ -71,6 +71,7 @@ import jax.numpy as jnp
 import optax
 
 from jrelu import _checks
+from jrelu import aggregation
 from jrelu import transforms
 
 
@@ -164,15 +165,6 @@ def orthonormalize(p: jax.Array) -> jax.Array:
   return jnp.linalg.qr(p, mode="reduced")[0]
 
 
-def _varying_axes(x) -> frozenset:
-  """Mesh axes along which ``x`` is typed as varying (empty outside ``shard_map``)."""
-  aval = jax.typeof(x)
-  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9
-  if manual is not None:
-    return frozenset(manual.varying)
-  return frozenset(getattr(aval, "vma", ()))  # older jax
-
-
 def _same_axis_type(new, old, axis_name):
   """Casts ``new`` to device-varying when ``old`` is (``jax.shard_map``'s axis types).
 
@@ -182,7 +174,8 @@ def _same_axis_type(new, old, axis_name):
   """
   if axis_name is None:
     return new
-  if axis_name in _varying_axes(old) and axis_name not in _varying_axes(new):
+  if (axis_name in aggregation.varying_axes(old)
+      and axis_name not in aggregation.varying_axes(new)):
     return jax.lax.pcast(new, axis_name, to="varying")
   return new
 
@@ -245,6 +238,8 @@ def powersgd(rank: int, *, key, axis_name: str | None = None, start_iter: int = 
   Raises:
     ValueError: if ``rank`` is not an integer >= 1, ``start_iter`` not an integer >= 0
       or ``key`` is not a PRNG key.
+    NameError: from ``update``, when ``axis_name`` is not bound (called outside
+      ``jax.pmap`` / ``jax.shard_map`` over it), saying what to do instead.
 
   Example:
     >>> tx = optax.chain(powersgd(2, key=jax.random.key(0), axis_name="data"),
@@ -298,6 +293,8 @@ def powersgd(rank: int, *, key, axis_name: str | None = None, start_iter: int = 
 
   def update_fn(updates, state, params=None):
     del params
+    if axis_name is not None:
+      transforms.bound_axis_size(axis_name, f"jrelu.powersgd.powersgd({rank})")
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     qs = treedef.flatten_up_to(state.q)
     errors = treedef.flatten_up_to(state.error)

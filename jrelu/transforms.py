@@ -25,6 +25,7 @@ shares, so their codes carry no seed.
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -60,6 +61,90 @@ class CompressState(NamedTuple):
   rng_key: jax.Array
 
 
+class WireCostWarning(UserWarning):
+  """A codec and aggregation that send more bits than a float32 all-reduce would.
+
+  Raised (as a warning) once per trace of a transform's ``update``, when the shapes and
+  the device count are known. Filter it with ``warnings.simplefilter("ignore",
+  jrelu.WireCostWarning)`` or make it an error with ``"error"``.
+
+  Example:
+    >>> warnings.simplefilter("error", jrelu.WireCostWarning)   # fail instead of warn
+  """
+
+
+def bound_axis_size(axis_name: str, what: str) -> int:
+  """The size of the mapped axis ``axis_name``, which ``what`` needs to be inside.
+
+  Args:
+    axis_name: the axis a transform was built with.
+    what: the transform, for the message (e.g. ``"jrelu.compress(QSGD(...))"``).
+
+  Returns:
+    N, the number of devices along ``axis_name`` (a Python int).
+
+  Raises:
+    NameError: if no ``jax.pmap`` / ``jax.shard_map`` / ``jax.vmap`` binds
+      ``axis_name`` here (JAX's own "unbound axis name"), saying what to do instead.
+
+  Example:
+    >>> jax.pmap(lambda x: x * bound_axis_size("data", "f"), axis_name="data")(xs)
+  """
+  try:
+    return jax.lax.axis_size(axis_name)
+  except NameError as e:
+    raise NameError(
+        f"{what} was built with axis_name={axis_name!r} but runs outside a mapped axis "
+        f"of that name. Call it inside jax.pmap(..., axis_name={axis_name!r}) or "
+        f"jax.shard_map over a mesh with an axis {axis_name!r} (see README, \"In your own "
+        "optax code\"), or build it with axis_name=None to compress on one device "
+        "without communication.") from e
+
+
+def _dtype(leaf):
+  return jnp.dtype(leaf.dtype) if hasattr(leaf, "dtype") else jnp.result_type(leaf)
+
+
+def _passes_through(leaf) -> bool:
+  """Leaves with nothing to send: empty arrays and float0 (``jax.grad(allow_int=True)``)."""
+  return _dtype(leaf) == jax.dtypes.float0 or jnp.size(leaf) == 0
+
+
+def _check_leaves(updates, what: str) -> None:
+  """Raises TypeError naming the first leaf that is neither floating nor passed through."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    dtype = _dtype(leaf)
+    if _passes_through(leaf) or jnp.issubdtype(dtype, jnp.floating):
+      continue
+    raise TypeError(
+        f"{what} got a {dtype} leaf at updates{jax.tree_util.keystr(path)} (shape "
+        f"{jnp.shape(leaf)}); it compresses float gradients only. Differentiate with "
+        "respect to the float parameters only, or use jax.grad(..., allow_int=True), whose "
+        "float0 zeros for integer parameters pass through uncompressed.")
+
+
+def _warn_if_costlier(compressor, aggregation, shapes, num_devices, what):
+  """Warns when ``aggregation`` of these shapes sends more than float32 all-reduces."""
+  def total(strategy):
+    try:
+      return sum(aggregation_lib.wire_bits(strategy, compressor, shape, num_devices)
+                 for shape in shapes)
+    except ValueError:   # a shape the strategy's formula does not cover: no advice
+      return float("inf")
+  sent = total(aggregation)
+  baseline = sum(aggregation_lib.float32_allreduce_bits(shape, num_devices)
+                 for shape in shapes)
+  if not baseline < sent < float("inf"):
+    return
+  best = min(aggregation_lib.supported(compressor), key=total)
+  advice = (f"aggregation={best!r} sends {total(best):,.0f}" if total(best) < baseline
+            else "no strategy of this codec sends fewer (use the float32 psum)")
+  warnings.warn(
+      f"{what} with aggregation={aggregation!r} sends {sent:,.0f} bits per step per device "
+      f"for these {len(shapes)} leaves on {num_devices} devices, more than a float32 "
+      f"all-reduce ({baseline:,.0f}); {advice}.", WireCostWarning, stacklevel=2)
+
+
 def as_typed_key(key) -> jax.Array:
   """Returns ``key`` as a typed PRNG key scalar, accepting legacy ``uint32[2]`` keys.
 
@@ -92,11 +177,22 @@ def compress(compressor: compressors.Compressor, *, key, axis_name: str | None =
   Returns:
     An ``optax.GradientTransformation``. ``update(grads, state, params=None)`` maps a
     pytree of float arrays to the compressed mean pytree of the same structure, shapes
-    and dtypes; the state is a :class:`CompressState`.
+    and dtypes; the state is a :class:`CompressState`. Empty leaves and float0 leaves
+    (``jax.grad(..., allow_int=True)``'s zeros for integer parameters) pass through
+    unchanged, and nothing is sent for them.
 
   Raises:
-    ValueError: if ``compressor`` is not a Compressor, ``key`` is not a PRNG key or
-      ``aggregation`` is unknown.
+    ValueError: if ``compressor`` is not a Compressor (an optax transform such as
+      ``jrelu.powersgd.powersgd`` goes into ``optax.chain`` directly), ``key`` is not a
+      PRNG key or ``aggregation`` is unknown.
+    TypeError: from ``update``, for an integer or bool leaf, naming its pytree path.
+    NameError: from ``update``, when ``axis_name`` is not bound (called outside
+      ``jax.pmap`` / ``jax.shard_map`` over it), saying what to do instead.
+
+  Warns:
+    WireCostWarning: from ``update`` (once per trace), when ``aggregation`` sends more
+      bits for these shapes and devices than a float32 all-reduce, naming the cheapest
+      strategy of the codec (e.g. ATOMO under ``all_gather``: use ``two_phase``).
 
   Example:
     >>> tx = optax.chain(compress(compressors.qsgd(4), key=jax.random.key(0),
@@ -107,10 +203,10 @@ def compress(compressor: compressors.Compressor, *, key, axis_name: str | None =
     average); Kalan, Soltanolkotabi, Avestimehr, "Fitting ReLUs via SGD and Quantized
     SGD", arXiv 1901.06587.
   """
-  if not isinstance(compressor, compressors.Compressor):
-    raise ValueError(f"compressor must be a jrelu.compressors.Compressor, got {compressor!r}")
+  _check_codec("compressor", compressor)
   key = as_typed_key(key)
   aggregation_lib.check_strategy(aggregation, compressor if axis_name is not None else None)
+  what = f"jrelu.compress({compressor!r})"
 
   def init_fn(params):
     del params
@@ -118,29 +214,54 @@ def compress(compressor: compressors.Compressor, *, key, axis_name: str | None =
 
   def update_fn(updates, state, params=None):
     del params
-    means, _ = _compressed_mean(compressor, aggregation, axis_name, state, updates)
+    _check_leaves(updates, what)
+    means, _ = _compressed_mean(compressor, aggregation, axis_name, state, updates, what)
     return means, CompressState(count=optax.safe_int32_increment(state.count),
                                 rng_key=state.rng_key)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _compressed_mean(compressor, aggregation, axis_name, state, updates):
-  """Per-leaf compressed means and local estimates under the documented key schedule."""
+def _check_codec(name, compressor):
+  """Raises ValueError unless ``compressor`` is a codec (saying so for optax transforms)."""
+  if isinstance(compressor, optax.GradientTransformation):
+    raise ValueError(
+        f"{name} must be a jrelu.compressors.Compressor, got an optax "
+        "GradientTransformation; transforms such as jrelu.powersgd.powersgd(rank, ...) "
+        "do their own communication: put them in optax.chain directly, without "
+        "jrelu.compress")
+  if not isinstance(compressor, compressors.Compressor):
+    raise ValueError(f"{name} must be a jrelu.compressors.Compressor, got {compressor!r}")
+
+
+def _compressed_mean(compressor, aggregation, axis_name, state, updates, what):
+  """Per-leaf compressed means and local estimates under the documented key schedule.
+
+  Empty and float0 leaves pass through unchanged (nothing is sent for them); the caller
+  has checked that every other leaf is floating.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(updates)
+  sent = [not _passes_through(g) for g in leaves]
   shared_key = jax.random.fold_in(state.rng_key, state.count)
   step_key = shared_key
   if axis_name is not None:
+    num_devices = bound_axis_size(axis_name, what)
+    _warn_if_costlier(compressor, aggregation,
+                      [jnp.shape(g) for g, s in zip(leaves, sent) if s], num_devices, what)
     step_key = jax.random.fold_in(shared_key, jax.lax.axis_index(axis_name))
-  leaves, treedef = jax.tree_util.tree_flatten(updates)
   num_keys = max(len(leaves), 1)
   keys = jax.random.split(step_key, num_keys)
-  if axis_name is None:
-    out = [compressor(k, g) for k, g in zip(keys, leaves)]
-    pairs = [(y, y) for y in out]
-  else:
-    common = jax.random.split(aggregation_lib.common_key(shared_key), num_keys)
-    pairs = [aggregation_lib.aggregate_with_local(aggregation, compressor, k, g, axis_name, c)
-             for k, g, c in zip(keys, leaves, common)]
+  common = jax.random.split(aggregation_lib.common_key(shared_key), num_keys)
+  pairs = []
+  for k, g, c, s in zip(keys, leaves, common, sent):
+    if not s:
+      pairs.append((g, g))
+    elif axis_name is None:
+      y = compressor(k, g)
+      pairs.append((y, y))
+    else:
+      pairs.append(aggregation_lib.aggregate_with_local(aggregation, compressor, k, g,
+                                                        axis_name, c))
   means = jax.tree_util.tree_unflatten(treedef, [m for m, _ in pairs])
   local = jax.tree_util.tree_unflatten(treedef, [l for _, l in pairs])
   return means, local
@@ -170,11 +291,16 @@ def error_feedback(inner: compressors.Compressor, *, key, axis_name: str | None 
     aggregation: one of ``jrelu.aggregation.STRATEGIES`` that fits ``inner``.
 
   Returns:
-    An ``optax.GradientTransformation`` with :class:`ErrorFeedbackState`.
+    An ``optax.GradientTransformation`` with :class:`ErrorFeedbackState`. Empty and
+    float0 leaves pass through as in :func:`compress` (their residual stays zero).
 
   Raises:
     ValueError: if ``inner`` is not a Compressor, ``key`` is not a PRNG key or the
       aggregation is unknown or unfit.
+    TypeError, NameError: from ``update``, as in :func:`compress`.
+
+  Warns:
+    WireCostWarning: as in :func:`compress`.
 
   Example:
     >>> tx = optax.chain(
@@ -187,11 +313,11 @@ def error_feedback(inner: compressors.Compressor, *, key, axis_name: str | None 
     Compression Schemes", ICML 2019, arXiv 1901.09847; Stich, Cordonnier, Jaggi,
     "Sparsified SGD with Memory", NeurIPS 2018, arXiv 1809.07599.
   """
-  if not isinstance(inner, compressors.Compressor):
-    raise ValueError(f"inner must be a jrelu.compressors.Compressor, got {inner!r}")
+  _check_codec("inner", inner)
   key = as_typed_key(key)
   if axis_name is not None:
     aggregation_lib.check_strategy(aggregation, inner)
+  what = f"jrelu.error_feedback({inner!r})"
 
   def init_fn(params):
     error = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
@@ -199,11 +325,16 @@ def error_feedback(inner: compressors.Compressor, *, key, axis_name: str | None 
 
   def update_fn(updates, state, params=None):
     del params
-    corrected = jax.tree_util.tree_map(lambda g, e: g.astype(jnp.float32) + e, updates,
-                                       state.error)
-    means, local = _compressed_mean(inner, aggregation, axis_name, state, corrected)
-    error = jax.tree_util.tree_map(lambda p, c: p - c.astype(jnp.float32), corrected, local)
-    means = jax.tree_util.tree_map(lambda m, g: m.astype(g.dtype), means, updates)
+    _check_leaves(updates, what)
+    corrected = jax.tree_util.tree_map(
+        lambda g, e: g if _passes_through(g) else g.astype(jnp.float32) + e, updates,
+        state.error)
+    means, local = _compressed_mean(inner, aggregation, axis_name, state, corrected, what)
+    error = jax.tree_util.tree_map(
+        lambda g, p, c, e: e if _passes_through(g) else p - c.astype(jnp.float32),
+        updates, corrected, local, state.error)
+    means = jax.tree_util.tree_map(
+        lambda m, g: m if _passes_through(g) else m.astype(g.dtype), means, updates)
     return means, ErrorFeedbackState(count=optax.safe_int32_increment(state.count),
                                      rng_key=state.rng_key, error=error)
 
@@ -249,18 +380,21 @@ def signum(beta: float = 0.9, *, key, axis_name: str | None = None,
 
 def qsgd(num_levels: int, *, key, axis_name: str | None = None,
          aggregation: str = "two_phase", bucket_size: int | None = None,
-         norm: str = "l2") -> optax.GradientTransformation:
+         norm: str = "max") -> optax.GradientTransformation:
   """QSGD-compressed gradient averaging as an optax transform.
 
-  Shortcut for ``compress(compressors.qsgd(num_levels, bucket_size, norm), ...)``.
+  Shortcut for ``compress(compressors.qsgd(num_levels, bucket_size, norm), ...)``, with
+  the defaults of ``jrelu.compressors.qsgd`` and of the ``jrelu.train`` binary: max-norm
+  scaling, one bucket per leaf (per chunk of ``ceil(d/N)`` under ``two_phase``).
 
   Args:
     num_levels: s >= 1, QSGD's number of positive levels.
     key: a PRNG key.
     axis_name: mapped device axis, or None for single-device use.
-    aggregation: ``"psum"``, ``"all_gather"`` or ``"two_phase"`` (default).
-    bucket_size: coordinates per quantization bucket, or None for one bucket.
-    norm: ``"l2"`` or ``"max"``.
+    aggregation: ``"psum"``, ``"all_gather"``, ``"two_phase"`` (default) or
+      ``"integer_psum"``.
+    bucket_size: coordinates per quantization bucket, or None (default) for one bucket.
+    norm: ``"max"`` (default, the QSGD paper's experiments) or ``"l2"`` (its theory).
 
   Returns:
     An ``optax.GradientTransformation`` (see :func:`compress`).

@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import jax
+
 _DTYPE_BITS = {
     "pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "f8e4m3fn": 8, "f8e5m2": 8,
     "s16": 16, "u16": 16, "f16": 16, "bf16": 16, "s32": 32, "u32": 32, "f32": 32,
@@ -185,13 +187,20 @@ def parse(hlo_text: str) -> WireReport:
 
 
 def measure(fn, *args) -> WireReport:
-  """Compiles ``fn`` (a ``jax.jit`` / ``jax.pmap`` function) on ``args`` and reads its HLO.
+  """Compiles ``fn`` on ``args`` and reads the collectives of its HLO.
 
   Args:
-    fn: a jitted or pmapped function running exactly one training step.
+    fn: a function running exactly one training step: ``jax.pmap`` or ``jax.jit`` of it
+      (e.g. ``jax.jit(jax.shard_map(step, ...))``), or a plain Python function, which is
+      measured as ``jax.jit(fn)`` (its collectives then need a ``shard_map`` inside it).
     *args: example arguments (arrays or ``jax.ShapeDtypeStruct``).
 
   Returns:
     A :class:`WireReport` of the compiled program.
+
+  Example:
+    >>> measure(jax.pmap(step, axis_name="data"), params, opt_state, x, y).sent_bits
   """
+  if not hasattr(fn, "lower"):
+    fn = jax.jit(fn)
   return parse(fn.lower(*args).compile().as_text())

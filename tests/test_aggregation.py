@@ -41,7 +41,7 @@ def draws(strategy, compressor, common=False):
 @pytest.mark.parametrize("strategy", aggregation.supported(compressors.qsgd(1)))
 @pytest.mark.parametrize("num_levels", [1, 4])
 def test_unbiased_mean_over_devices(strategy, num_levels):
-  x, out = draws(strategy, compressors.qsgd(num_levels))
+  x, out = draws(strategy, compressors.qsgd(num_levels, norm="l2"))
   for i in range(1, N):
     np.testing.assert_array_equal(out[i], out[0])  # every device gets the same estimate
   estimates = out[0]
@@ -81,7 +81,7 @@ def test_two_phase_variance_below_sum_of_both_phases_bound():
   adds one on the average.
   """
   s = 2
-  x, out = draws("two_phase", compressors.qsgd(s))
+  x, out = draws("two_phase", compressors.qsgd(s, norm="l2"))  # Lemma 3.1 is for l2
   c = D // N
   factor = min(c / s**2, np.sqrt(c) / s)
   chunks = x.reshape(N, N, c)  # [device, chunk, coord]

@@ -18,7 +18,7 @@ from jrelu import transforms
 # (test id, zero-argument factory). One line per compressor configuration.
 COMPRESSORS = [
     ("none", lambda: compressors.identity()),
-    ("qsgd_s1", lambda: compressors.qsgd(1)),
+    ("qsgd_s1_l2", lambda: compressors.qsgd(1, norm="l2")),
     ("qsgd_s4_bucket", lambda: compressors.qsgd(4, bucket_size=64)),
     ("qsgd_s16_max", lambda: compressors.qsgd(16, norm="max")),
     ("fo_sgd", lambda: compressors.fo_sgd()),
@@ -309,7 +309,7 @@ def test_in_optax_chain_under_jit(make):
 
 def test_qsgd_step_noise_differs():
   # The stochastic case without relying on is_stochastic(): QSGD must differ across steps.
-  tx = transforms.compress(compressors.qsgd(4), key=jax.random.key(3), axis_name=None)
+  tx = transforms.compress(compressors.qsgd(4, norm="l2"), key=jax.random.key(3), axis_name=None)
   grads = {"w": generic((50,), seed=20)}
   state0 = tx.init(grads)
   u0, state1 = tx.update(grads, state0)

@@ -1,5 +1,8 @@
 """The optax transforms: validation, keys, state, and use inside optax.chain."""
 
+import inspect
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,6 +118,9 @@ def test_error_feedback_sends_everything_eventually():
   assert np.all(np.abs(np.asarray(state.error["w"])) < 4 * 6.5)  # bounded by d * ||g||_inf
 
 
+# all_gather on purpose (each device's own top-k reaches the others): it costs more than
+# float32 at this size, which the transform rightly warns about.
+@pytest.mark.filterwarnings("ignore::jrelu.transforms.WireCostWarning")
 def test_error_feedback_residual_is_per_device_and_output_is_shared():
   """Under pmap each device keeps its own residual (its gradient minus what it sent),
   while every device receives the same averaged update."""
@@ -160,3 +166,94 @@ def test_signum_is_the_sign_of_the_momentum():
     np.testing.assert_array_equal(np.asarray(out), np.where(m < 0, -1.0, 1.0))
   with pytest.raises(ValueError, match=r"beta must be a finite number in \[0, 1\)"):
     transforms.signum(1.0, key=jax.random.key(0))
+
+
+# ----------------------------------------------------------------------------------------
+# Using the transforms in your own code (issue 14): leaves that are not float gradients,
+# pairings that send more than float32, the wrong context.
+
+FLOAT0 = np.zeros((3,), jax.dtypes.float0)   # what jax.grad(allow_int=True) gives an int
+
+
+def test_empty_and_float0_leaves_pass_through_and_send_nothing():
+  # TernGrad (and ATOMO) used to fail on empty leaves with reduction errors naming no
+  # leaf; the transform now keeps such leaves away from every codec.
+  tx = jrelu.compress(compressors.terngrad(), key=jax.random.key(0), axis_name="data")
+
+  def step(g):
+    grads = {"empty": jnp.zeros((0, 4)), "steps": FLOAT0, "w": g}
+    return tx.update(grads, tx.init(grads))[0]
+
+  g = jax.random.normal(jax.random.key(1), (8, 16))
+  compiled = jax.pmap(step, axis_name="data").lower(g).compile()
+  updates = compiled(g)
+  assert updates["empty"].shape == (8, 0, 4)
+  assert updates["steps"].dtype == jax.dtypes.float0
+  np.testing.assert_array_equal(updates["w"][3], updates["w"][0])
+  # The program sends exactly what the "w" aggregation sends: nothing for the others.
+  expected = jrelu.aggregation.wire_bits("two_phase", compressors.terngrad(), (16,), 8)
+  assert jrelu.wire.parse(compiled.as_text()).sent_bits == expected
+
+
+def test_error_feedback_residual_of_a_passed_through_leaf_stays_zero():
+  tx = jrelu.error_feedback(compressors.top_k(2), key=jax.random.key(0))
+  grads = {"empty": jnp.zeros((0,)), "steps": FLOAT0, "w": jnp.arange(1.0, 9.0)}
+  params = {"empty": jnp.zeros((0,)), "steps": jnp.zeros((3,), jnp.int32),
+            "w": jnp.zeros(8)}
+  out, state = jax.jit(tx.update)(grads, tx.init(params))
+  assert out["steps"].dtype == jax.dtypes.float0 and out["empty"].shape == (0,)
+  np.testing.assert_array_equal(state.error["steps"], 0)
+  np.testing.assert_array_equal(out["w"], [0, 0, 0, 0, 0, 0, 7, 8])   # top-2 of w
+
+
+@pytest.mark.parametrize("make", [
+    lambda: jrelu.qsgd(4, key=jax.random.key(0)),
+    lambda: jrelu.error_feedback(compressors.top_k(1), key=jax.random.key(0))])
+def test_integer_leaf_raises_naming_its_path(make):
+  tx = make()
+  grads = {"layer": {"count": jnp.arange(3), "w": jnp.ones(4)}}
+  with pytest.raises(TypeError, match=r"int32 leaf at updates\['layer'\]\['count'\]"):
+    tx.update(grads, tx.init(grads))
+
+
+def test_pairing_that_sends_more_than_float32_warns_naming_the_cheaper_strategy():
+  # ATOMO (budget 64) on a 64 x 10 leaf under all_gather: 168,000 bits per device at
+  # N = 8 against 35,840 for the float32 all-reduce; two_phase sends 31,360.
+  g = jnp.ones((8, 64, 10))
+
+  def lower(tx):   # tracing is enough: the warning comes from the trace
+    return jax.eval_shape(jax.pmap(lambda x: tx.update(x, tx.init(x))[0], axis_name="data"), g)
+
+  atomo = jrelu.compress(compressors.atomo(64), key=jax.random.key(0), axis_name="data",
+                         aggregation="all_gather")
+  with pytest.warns(jrelu.WireCostWarning,
+                    match=r"'all_gather' sends 168,000 bits .* float32 all-reduce \(35,840\); "
+                          r"aggregation='two_phase' sends 31,360"):
+    lower(atomo)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", jrelu.WireCostWarning)
+    lower(jrelu.qsgd(4, key=jax.random.key(0), axis_name="data"))   # 7.4x fewer: silent
+
+
+def test_compress_of_an_optax_transform_points_to_optax_chain():
+  with pytest.raises(ValueError, match=r"GradientTransformation.*optax\.chain directly"):
+    jrelu.compress(jrelu.powersgd.powersgd(2, key=jax.random.key(0)), key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: jrelu.qsgd(4, key=jax.random.key(0), axis_name="data"),
+    lambda: jrelu.powersgd.powersgd(1, key=jax.random.key(0), axis_name="data")])
+def test_axis_name_outside_a_mapped_axis_says_what_to_do(make):
+  tx = make()
+  grads = jnp.ones((4, 4))
+  with pytest.raises(NameError, match=r"inside jax\.pmap\(\.\.\., axis_name='data'\) or "
+                                      r"jax\.shard_map.*axis_name=None"):
+    tx.update(grads, tx.init(grads))
+
+
+def test_library_and_binary_share_the_qsgd_defaults():
+  codec = compressors.qsgd(4)
+  binary = jrelu.experiment.make_codec(jrelu.experiment.Config(), 8)
+  assert (codec.norm, codec.bucket_size) == (binary.norm, binary.bucket_size) == ("max", None)
+  defaults = inspect.signature(jrelu.qsgd).parameters
+  assert (defaults["norm"].default, defaults["bucket_size"].default) == ("max", None)

@@ -165,3 +165,16 @@ def test_parse_synthetic_hlo():
 def test_shape_bits():
   assert wire.shape_bits("f32[8,3]{1,0}") == 768
   assert wire.shape_bits("(bf16[4]{0}, pred[2]{0}, s8[])") == 64 + 16 + 8
+
+
+def test_measure_jits_a_plain_function():
+  # A plain function has no .lower (it used to raise AttributeError): measure jits it.
+  mesh = jax.sharding.Mesh(jax.devices()[:8], ("data",))
+
+  def total(x):
+    return jax.shard_map(lambda v: jax.lax.psum(v, "data"), mesh=mesh,
+                         in_specs=jax.sharding.PartitionSpec("data"),
+                         out_specs=jax.sharding.PartitionSpec())(x)
+
+  # One all-reduce of one float32 per device: 2 (N-1)/N * 32 bits.
+  assert wire.measure(total, jnp.ones(8)).sent_bits == 2 * 7 / 8 * 32

@@ -76,7 +76,7 @@ class QSGD(base.Compressor):
   integer_sum = True
   MAX_LEVELS = MAX_LEVELS
 
-  def __init__(self, num_levels: int, bucket_size: int | None = None, norm: str = "l2"):
+  def __init__(self, num_levels: int, bucket_size: int | None = None, norm: str = "max"):
     self.num_levels = _checks.integer("num_levels", num_levels, maximum=MAX_LEVELS,
                                       why=MAX_LEVELS_WHY)
     self.bucket_size = _checks.optional_integer("bucket_size", bucket_size,
@@ -171,16 +171,27 @@ class QSGD(base.Compressor):
     return 32 * bitpack.packed_words(d, self.symbol_bits) + 32 * self.buckets(d)[1]
 
 
-def qsgd(num_levels: int, bucket_size: int | None = None, norm: str = "l2") -> QSGD:
+def qsgd(num_levels: int, bucket_size: int | None = None, norm: str = "max") -> QSGD:
   """Builds the QSGD quantizer ``Q_s`` with ``s = num_levels``.
+
+  The defaults (max norm, one bucket) are those of ``jrelu.qsgd`` and of the
+  ``jrelu.train`` binary. Max-norm scaling is what the QSGD paper's experiments use
+  (its Section 4, "Variants"); the l2 norm of its theory gives a far larger error on
+  large arrays. Measured ``||Q(g) - g|| / ||g||`` on a Gaussian g of 10^6 entries, s = 4
+  (mean of 3 keys): l2 one bucket 17.4, l2 buckets of 512 1.88, max one bucket 0.48, max
+  buckets of 512 0.33 (for 1.6% more bits). The paper's experiments also quantize in
+  buckets of 512 at 4 and 8 bits; pass ``bucket_size=512`` for that. One bucket stays the
+  default because under the ``two_phase`` aggregation each chunk of ``ceil(d/N)``
+  coordinates already has its own scale, and so the binary's measured bits stay as
+  documented.
 
   Args:
     num_levels: s >= 1, the number of positive levels; levels are ``{0, 1/s, ..., 1}``.
       A coordinate costs ``ceil(log2(2 s + 1))`` bits (s=1: 2, s=4: 4, s=16: 6).
     bucket_size: quantize consecutive buckets of this many coordinates, each with its own
-      float32 scale; None means one bucket for the whole (flattened) array, as in the
-      paper's theory.
-    norm: ``"l2"`` (theory) or ``"max"`` (max-abs scaling, lower variance in practice).
+      float32 scale; None (default) means one bucket for the whole (flattened) array.
+    norm: ``"max"`` (default: max-abs scaling, the paper's experiments) or ``"l2"``
+      (its theory: Lemma 3.1's variance bound).
 
   Returns:
     A :class:`QSGD` compressor.
