@@ -145,6 +145,22 @@ def benchmark_flag_error(binary, argv, check):
   return exit_info.value.code, stderr.getvalue()
 
 
+def benchmark_flags(binary, *argv):
+  """A fresh ``FlagValues`` with ``binary.define_flags``, parsed from ``argv`` (no program name)."""
+  values = absl_flags.FlagValues()
+  binary.define_flags(values)
+  values([binary.PROG, *argv])
+  return values
+
+
+def assert_one_error_line(result, line):
+  """Asserts that a finished binary printed just ``line`` on stderr, nothing on stdout, exit 2."""
+  assert result.returncode == 2, result.stderr
+  assert result.stdout == ""
+  assert "Traceback" not in result.stderr
+  assert result.stderr.splitlines() == [line], result.stderr
+
+
 def run_outcome(workdir):
   """(state arrays, summary, metrics lines) of a finished experiment.run workdir.
 

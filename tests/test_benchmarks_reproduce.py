@@ -10,7 +10,6 @@ runs the real binary, to show that what reaches a user is one line and exit stat
 import json
 import pathlib
 
-from absl import flags
 import pytest
 
 from benchmarks.reproduce import __main__ as binary
@@ -115,27 +114,17 @@ def test_bad_flag_is_one_line_without_traceback(tmp_path, argv, named):
   (line,) = stderr.splitlines()
   assert line.startswith("benchmarks.reproduce: error: ") and named in line, line
   if argv == [SUBPROCESS]:
-    result = run(*argv, f"--outdir={tmp_path}", cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stdout == ""
-    assert "Traceback" not in result.stderr
-    assert result.stderr.splitlines() == [line]
-
-
-def parsed(*argv):
-  values = flags.FlagValues()
-  binary.define_flags(values)
-  values(["benchmarks.reproduce", *argv])
-  return values
+    helpers.assert_one_error_line(run(*argv, f"--outdir={tmp_path}", cwd=tmp_path), line)
 
 
 def test_flags_give_the_settings_of_the_modes():
   # No training section: a batch that 8 devices do not divide is no error.
-  full = binary.settings_from_flags(parsed("--batch_size=36", "--sections=phase_transition"), 8)
+  full = binary.settings_from_flags(
+      helpers.benchmark_flags(binary, "--batch_size=36", "--sections=phase_transition"), 8)
   assert full.sections == ("phase_transition",) and not full.quick
   assert full.base == experiment.Config(batch_size=36, num_steps=settings.FULL["num_steps"])
   assert (full.phase_dims, full.methods) == (settings.FULL["phase_dims"], tuple(settings.METHODS))
-  tiny = binary.settings_from_flags(parsed(*TINY), 2)
+  tiny = binary.settings_from_flags(helpers.benchmark_flags(binary, *TINY), 2)
   assert tiny.quick and tiny.sections == settings.SECTIONS
   assert (tiny.phase_dims, tiny.phase_ratios, tiny.methods) == ((6,), (2.0, 5.0),
                                                                 ("sgd", "qsgd_s4"))

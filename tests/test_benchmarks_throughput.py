@@ -106,26 +106,16 @@ def test_bad_flag_is_one_line_without_traceback(tmp_path, argv, named):
   (line,) = stderr.splitlines()
   assert line.startswith("benchmarks.step_throughput: error: ") and named in line, line
   if argv == [SUBPROCESS]:
-    result = run(*argv, f"--outdir={tmp_path}", cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stdout == ""
-    assert "Traceback" not in result.stderr
-    assert result.stderr.splitlines() == [line]
+    helpers.assert_one_error_line(run(*argv, f"--outdir={tmp_path}", cwd=tmp_path), line)
 
 
 def test_flags_give_the_settings_of_the_modes():
-  values = flags.FlagValues()
-  binary.define_flags(values)
-  values(["benchmarks.step_throughput", *TINY])
-  tiny = binary.settings_from_flags(values)
+  tiny = binary.settings_from_flags(helpers.benchmark_flags(binary, *TINY))
   assert tiny.quick and tiny.sections == settings.SECTIONS
   assert (tiny.num_devices, tiny.dim, tiny.batch_size, tiny.num_samples) == (2, 16, 32, 256)
   assert (tiny.sweep_dims, tiny.sweep_batches, tiny.kernel_dims) == ((16,), (16, 32), (64,))
   assert tiny.methods == ("none",) and tiny.kernel_compressors == ("none", "qsgd")
-  values = flags.FlagValues()
-  binary.define_flags(values)
-  values(["benchmarks.step_throughput"])
-  full = binary.settings_from_flags(values)
+  full = binary.settings_from_flags(helpers.benchmark_flags(binary))
   assert not full.quick and full.repeats == settings.FULL["repeats"]
   assert full.kernel_dims == (1000, 10_000, 100_000, 1_000_000, 10_000_000)
 
@@ -133,8 +123,6 @@ def test_flags_give_the_settings_of_the_modes():
 def test_the_binaries_import_into_one_process_and_define_flags_only_when_asked():
   # Their flag names overlap (--outdir, --quick, --sections; --seed with jrelu.train).
   for module in (binary, reproduce_binary, compressors_binary):
-    values = flags.FlagValues()
-    module.define_flags(values)
-    assert values([module.PROG]) == [module.PROG]
+    values = helpers.benchmark_flags(module)
     assert values.outdir == f"runs/{module.PROG.split('.')[1]}"
   assert "outdir" not in flags.FLAGS
