@@ -81,8 +81,10 @@ def test_tiny_run_prints_one_json_line_with_every_section(tmp_path):
 
 
 def check(values):
-  """What the binary checks before any heavy work, with the device count it would get
-  on CPU from ``common.setup_devices``: ``--num_devices``, or 8 simulated devices."""
+  """The binary's checks before any heavy work, at the device count it gets on CPU.
+
+  ``common.setup_devices`` gives ``--num_devices`` devices, or 8 simulated ones.
+  """
   return binary.settings_from_flags(values, values.num_devices or 8)
 
 
