@@ -1,6 +1,8 @@
 """Shared helpers of the benchmark binaries: flags, machine facts, timing statistics, output.
 
-Every binary of ``benchmarks`` runs through :func:`run_main` (a bad flag is one line
+Every binary of ``benchmarks`` defines its flags in a ``define_flags(flag_values)``
+function (called on ``absl.flags.FLAGS`` only when it runs, so that all of them can be
+imported into one process) and runs through :func:`run_main` (a bad flag is one line
 ``benchmarks.NAME: error: ...`` on stderr and exit status 2, no traceback, as in
 ``jrelu.train``), records :func:`machine_info` in its JSON and ends by printing exactly one
 JSON line (:func:`print_json_line`). :func:`stats` and :func:`read_roofline` serve the
@@ -45,20 +47,31 @@ def fail(message: str, status: int = 2):
   sys.exit(status)
 
 
-def parse_flags(argv):
+def parse_flags(argv, flag_values: flags.FlagValues = flags.FLAGS):
   """absl flag parsing that reports a bad flag or a stray argument in one line (exit 2).
+
+  :func:`run_main` parses ``flags.FLAGS`` with it; a test parses a private
+  ``flags.FlagValues()`` holding a binary's ``define_flags``, through the same error lines.
 
   Args:
     argv: the command line, program name first.
+    flag_values: the flags to parse into (default ``absl.flags.FLAGS``).
 
   Returns:
     The remaining arguments (the program name only).
 
   Raises:
     SystemExit: with status 2 after one error line, for a bad flag or an argument.
+
+  Example:
+    >>> values = flags.FlagValues()
+    >>> _ = flags.DEFINE_integer("dim", 10, "d", lower_bound=1, flag_values=values)
+    >>> parse_flags(["benchmarks.x", "--dim=0"], values)  # doctest: +SKIP
+    (stderr) benchmarks: error: flag --dim=0: 0 is not a positive integer
+    SystemExit: 2
   """
   try:
-    rest = flags.FLAGS(argv)
+    rest = flag_values(argv)
   except flags.Error as e:
     fail(str(e).splitlines()[0])
   if len(rest) > 1:

@@ -40,13 +40,39 @@ from jrelu import wire
 
 SECTIONS = ("wire", "convergence")
 
-_OUTDIR = flags.DEFINE_string("outdir", "runs/compressors", "Where results and plots go.")
-_SECTIONS = flags.DEFINE_multi_enum("sections", list(SECTIONS), list(SECTIONS),
-                                    "Which sections to run.")
-_QUICK = flags.DEFINE_bool("quick", False, "Wire bits at 8 devices only and no training "
-                           "(about a minute).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of data, initialization and compression noise.",
-                             lower_bound=0)
+PROG = "benchmarks.compressors"
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines the binary's flags in ``flag_values``.
+
+  The binary defines them in ``absl.flags.FLAGS`` when it runs, so that importing this
+  module (for :data:`METHODS`, say) next to ``jrelu.train`` or another benchmark defines
+  no flag (their names overlap, e.g. ``--seed``, ``--outdir``).
+
+  Args:
+    flag_values: where to define them, e.g. ``flags.FLAGS``.
+
+  Raises:
+    absl.flags.DuplicateFlagError: when ``flag_values`` already holds one of them.
+
+  Example:
+    >>> values = flags.FlagValues()
+    >>> define_flags(values)
+    >>> values(["benchmarks.compressors", "--sections=wire"])
+    ['benchmarks.compressors']
+    >>> values.sections
+    ['wire']
+  """
+  fv = flag_values
+  flags.DEFINE_string("outdir", "runs/compressors", "Where results and plots go.",
+                      flag_values=fv)
+  flags.DEFINE_multi_enum("sections", list(SECTIONS), list(SECTIONS),
+                          "Which sections to run.", flag_values=fv)
+  flags.DEFINE_bool("quick", False, "Wire bits at 8 devices only and no training "
+                    "(about a minute).", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed of data, initialization and compression noise.",
+                       lower_bound=0, flag_values=fv)
 
 # (row name, jrelu.experiment.Config overrides, threshold). The flags of each row are what README
 # quotes: `python -m jrelu.train --FLAG=VALUE ...`.
@@ -288,16 +314,17 @@ def plot(convergence_rows, outdir):
 def main(argv):
   """absl main: flags -> sections; writes summary.md and prints one JSON line."""
   del argv
+  fv = flags.FLAGS
   devices = common.setup_devices(8)
-  common.make_outdir(_OUTDIR.value)
-  device_counts = (8,) if _QUICK.value else (2, 4, 8)
+  common.make_outdir(fv.outdir)
+  device_counts = (8,) if fv.quick else (2, 4, 8)
   start = time.perf_counter()
-  wire_rows = wire_section(device_counts, _SEED.value) if "wire" in _SECTIONS.value else []
+  wire_rows = wire_section(device_counts, fv.seed) if "wire" in fv.sections else []
   convergence_rows = []
-  if "convergence" in _SECTIONS.value and not _QUICK.value:
-    convergence_rows = convergence_section(_OUTDIR.value, _SEED.value, devices)
-    plot(convergence_rows, _OUTDIR.value)
-  with open(os.path.join(_OUTDIR.value, "summary.md"), "w") as f:
+  if "convergence" in fv.sections and not fv.quick:
+    convergence_rows = convergence_section(fv.outdir, fv.seed, devices)
+    plot(convergence_rows, fv.outdir)
+  with open(os.path.join(fv.outdir, "summary.md"), "w") as f:
     f.write(markdown(wire_rows, convergence_rows, device_counts))
   common.print_json_line({
       "benchmark": "compressors", **common.machine_info(),
@@ -307,4 +334,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  common.run_main(main, "benchmarks.compressors")
+  define_flags(flags.FLAGS)
+  common.run_main(main, PROG)

@@ -1,15 +1,20 @@
-"""Small planted-ReLU runs shared by the parallel, wire and convergence tests."""
+"""Small planted-ReLU runs shared by the tests, and running the binaries in and out of process."""
 
+import contextlib
+import io
 import json
 import os
 import pathlib
 import subprocess
 import sys
 
+from absl import flags as absl_flags
 import jax
 import jax.numpy as jnp
 import optax
+import pytest
 
+from benchmarks import common
 from jrelu import compressors
 from jrelu import network
 from jrelu import parallel
@@ -106,6 +111,54 @@ def run_benchmark(module, *flags, cwd, timeout=600):
   lines = result.stdout.splitlines()
   assert len(lines) == 1, result.stdout
   return json.loads(lines[0])
+
+
+def benchmark_flag_error(binary, argv, check):
+  """(exit status, stderr) of a benchmark binary's flag checks for ``argv``, in this process.
+
+  Runs what the binary runs before any heavy work, with the same parser and error lines:
+  ``binary.define_flags`` into a fresh ``FlagValues``, ``benchmarks.common.parse_flags``,
+  then ``check(flag_values)`` (the binary's ``settings_from_flags``), error lines
+  prefixed with ``binary.PROG`` as ``common.run_main`` sets it.
+
+  Args:
+    binary: the binary's module, e.g. ``benchmarks.reproduce.__main__``.
+    argv: the flags, without the program name.
+    check: called with the parsed flags.
+
+  Returns:
+    (exit status, stderr text).
+
+  Raises:
+    pytest.fail.Exception: when ``argv`` is accepted (no SystemExit).
+  """
+  values = absl_flags.FlagValues()
+  binary.define_flags(values)
+  stderr = io.StringIO()
+  saved_prog, common._prog = common._prog, binary.PROG  # pylint: disable=protected-access
+  try:
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_info:
+      common.parse_flags([binary.PROG, *argv], values)
+      check(values)
+  finally:
+    common._prog = saved_prog  # pylint: disable=protected-access
+  return exit_info.value.code, stderr.getvalue()
+
+
+def benchmark_flags(binary, *argv):
+  """A fresh ``FlagValues`` with ``binary.define_flags``, parsed from ``argv`` (no program name)."""
+  values = absl_flags.FlagValues()
+  binary.define_flags(values)
+  values([binary.PROG, *argv])
+  return values
+
+
+def assert_one_error_line(result, line):
+  """Asserts that a finished binary printed just ``line`` on stderr, nothing on stdout, exit 2."""
+  assert result.returncode == 2, result.stderr
+  assert result.stdout == ""
+  assert "Traceback" not in result.stderr
+  assert result.stderr.splitlines() == [line], result.stderr
 
 
 def run_outcome(workdir):

@@ -2,12 +2,21 @@
 
 Not a timed test: it checks that every section runs end to end (PyTorch peers skipped) and
 reports what the benchmark promises, and that bad flags give one line and exit status 2.
+The bad-flag table runs in-process through the binary's own flag definitions, parser,
+checks and error lines (``define_flags``, ``common.parse_flags``, ``settings_from_flags``);
+one of its rows also runs the real binary, to show what reaches a user.
 """
 
 import json
 import pathlib
 
+from absl import flags
 import pytest
+
+from benchmarks import compressors as compressors_binary
+from benchmarks.reproduce import __main__ as reproduce_binary
+from benchmarks.step_throughput import __main__ as binary
+from benchmarks.step_throughput import settings
 
 import helpers
 
@@ -72,19 +81,48 @@ def test_tiny_run_prints_one_json_line_with_every_section(tmp_path):
   assert json.loads((tmp_path / "results.json").read_text())["config"] == out["config"]
 
 
-@pytest.mark.parametrize("flag, name", [
-    ("--sections=step,bogus", "--sections"),
-    ("--sweep_dims=8,x", "--sweep_dims"),
-    ("--num_devices=0", "--num_devices"),
-    ("--batch_size=30", "--batch_size"),           # not divisible by 8 devices
-    ("--kernel_compressors=qsgd,zip", "--kernel_compressors"),
-    ("--methods=qsgd,topk", "--methods"),
-])
-def test_bad_flag_is_one_line_without_traceback(tmp_path, flag, name):
-  result = run(flag, f"--outdir={tmp_path}", cwd=tmp_path)
-  assert result.returncode == 2, result.stderr
-  assert result.stdout == ""
-  assert "Traceback" not in result.stderr
-  errors = [l for l in result.stderr.splitlines()
-            if l.startswith("benchmarks.step_throughput: error:")]
-  assert len(errors) == 1 and name in errors[0], result.stderr
+# (flags, text the one error line must contain). The row in SUBPROCESS also runs the real
+# binary.
+BAD_FLAGS = [
+    (["--sections=step,bogus"], "--sections"),
+    (["--sweep_dims=8,x"], "--sweep_dims"),
+    (["--kernel_dims=1e3,0"], "--kernel_dims"),
+    (["--num_devices=0"], "--num_devices"),
+    (["--sweep_method=topk"], "--sweep_method"),
+    (["--batch_size=30"], "--batch_size=30: not divisible by --num_devices=8"),
+    (["--scale_batch_size=12"], "--scale_batch_size=12: not divisible by --num_devices=8"),
+    (["--num_samples=1024"], "--num_samples=1024: smaller than --batch_size=4096"),
+    (["--kernel_compressors=qsgd,zip"], "--kernel_compressors"),
+    (["--methods=qsgd,topk"], "--methods"),
+    (["extra"], "unexpected arguments ['extra']"),
+]
+SUBPROCESS = "--batch_size=30"
+
+
+@pytest.mark.parametrize("argv, named", BAD_FLAGS, ids=[" ".join(b[0]) for b in BAD_FLAGS])
+def test_bad_flag_is_one_line_without_traceback(tmp_path, argv, named):
+  status, stderr = helpers.benchmark_flag_error(binary, argv, binary.settings_from_flags)
+  assert status == 2
+  (line,) = stderr.splitlines()
+  assert line.startswith("benchmarks.step_throughput: error: ") and named in line, line
+  if argv == [SUBPROCESS]:
+    helpers.assert_one_error_line(run(*argv, f"--outdir={tmp_path}", cwd=tmp_path), line)
+
+
+def test_flags_give_the_settings_of_the_modes():
+  tiny = binary.settings_from_flags(helpers.benchmark_flags(binary, *TINY))
+  assert tiny.quick and tiny.sections == settings.SECTIONS
+  assert (tiny.num_devices, tiny.dim, tiny.batch_size, tiny.num_samples) == (2, 16, 32, 256)
+  assert (tiny.sweep_dims, tiny.sweep_batches, tiny.kernel_dims) == ((16,), (16, 32), (64,))
+  assert tiny.methods == ("none",) and tiny.kernel_compressors == ("none", "qsgd")
+  full = binary.settings_from_flags(helpers.benchmark_flags(binary))
+  assert not full.quick and full.repeats == settings.FULL["repeats"]
+  assert full.kernel_dims == (1000, 10_000, 100_000, 1_000_000, 10_000_000)
+
+
+def test_the_binaries_import_into_one_process_and_define_flags_only_when_asked():
+  # Their flag names overlap (--outdir, --quick, --sections; --seed with jrelu.train).
+  for module in (binary, reproduce_binary, compressors_binary):
+    values = helpers.benchmark_flags(module)
+    assert values.outdir == f"runs/{module.PROG.split('.')[1]}"
+  assert "outdir" not in flags.FLAGS
