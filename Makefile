@@ -18,7 +18,7 @@ run: $(STAMP)
 
 ## test: set up .venv and run the test suite
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 ## bench: set up .venv with the bench extra (torch==2.13.0) and run the quick benchmarks
 bench: $(STAMP)

@@ -23,9 +23,15 @@ from jrelu import transforms
 
 import helpers
 
+# QSGD at every level count under two_phase (which quantizes twice), and at the extremes
+# s = 1 and s = 16 under psum (the paper's decode-then-average). all_gather is not run:
+# it decodes the very codes psum sums and differs only in the order of the float sum
+# (test_parallel.test_psum_and_all_gather_see_the_same_codes), so its convergence is
+# psum's.
 CASES = [("sgd", None, "psum")] + [
     (f"qsgd_s{s}_{agg}", s, agg)
-    for s in (1, 2, 4, 16) for agg in ("psum", "all_gather", "two_phase")]
+    for s, agg in ((1, "psum"), (16, "psum"), (1, "two_phase"), (2, "two_phase"),
+                   (4, "two_phase"), (16, "two_phase"))]
 
 
 @pytest.mark.parametrize("name,num_levels,aggregation", CASES, ids=[c[0] for c in CASES])

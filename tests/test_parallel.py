@@ -1,5 +1,6 @@
 """Data-parallel equivalences: N devices vs one, pmap vs shard_map, replicas in sync."""
 
+import functools
 from typing import NamedTuple
 
 import chex
@@ -56,41 +57,50 @@ def test_identity_on_8_devices_matches_single_device_whole_batch():
                              rtol=1e-4)
 
 
+STEPS = 20  # steps of the shared runs below
+# The tests that share qsgd_run go to one pytest-xdist worker (``--dist loadgroup``), so
+# each run is compiled once in the suite.
+shares_runs = pytest.mark.xdist_group("test_parallel.qsgd_run")
+
+
+@functools.cache
+def qsgd_run(aggregation, wrapper="pmap"):
+  """(state, metrics) of STEPS steps of QSGD s=4 on 8 devices, one run per pair.
+
+  Several tests compare the same runs, so each is compiled and run once per process.
+  """
+  tx = helpers.make_tx(compressors.qsgd(4), aggregation)
+  return helpers.run(tx, jax.devices()[:DEVICES], STEPS, wrapper=wrapper)
+
+
+@shares_runs
 @pytest.mark.parametrize("aggregation", ["psum", "all_gather", "two_phase"])
-def test_pmap_and_shard_map_agree(aggregation):
-  devices = jax.devices()[:DEVICES]
-  tx = helpers.make_tx(compressors.qsgd(2), aggregation)
-  by_pmap, m_pmap = helpers.run(tx, devices, 30, wrapper="pmap")
-  by_shard_map, m_shard_map = helpers.run(tx, devices, 30, wrapper="shard_map")
+def test_pmap_and_shard_map_agree_and_replicas_stay_identical(aggregation):
+  by_pmap, m_pmap = qsgd_run(aggregation, "pmap")
+  by_shard_map, m_shard_map = qsgd_run(aggregation, "shard_map")
   # Bit for bit: both wrappers compile the same per-device program (same jaxpr, the same
   # collectives over the same device order), so the same float32 ops run in the same
   # order. A tolerance would not be safer: QSGD's stochastic rounding turns any rounding
   # difference into a possible level flip, far above rtol=1e-6 (the old bound).
   np.testing.assert_array_equal(by_pmap.params, by_shard_map.params)
   np.testing.assert_array_equal(m_pmap["relative_error"], m_shard_map["relative_error"])
+  for state in (by_pmap, by_shard_map):
+    params = np.asarray(state.params)
+    assert np.abs(params[0]).sum() > 0  # training moved away from zeros
+    # Bit for bit: every replica applies the same all-reduced update with the same ops.
+    for i in range(1, DEVICES):
+      np.testing.assert_array_equal(params[i], params[0], err_msg=f"device {i} differs")
 
 
-@pytest.mark.parametrize("wrapper", parallel.WRAPPERS)
-@pytest.mark.parametrize("aggregation", ["psum", "all_gather", "two_phase"])
-def test_params_identical_on_all_devices(wrapper, aggregation):
-  tx = helpers.make_tx(compressors.qsgd(4), aggregation)
-  state, _ = helpers.run(tx, jax.devices()[:DEVICES], 25, wrapper=wrapper)
-  params = np.asarray(state.params)
-  assert np.abs(params[0]).sum() > 0  # training moved away from zeros
-  # Bit for bit: every replica applies the same all-reduced update with the same ops.
-  for i in range(1, DEVICES):
-    np.testing.assert_array_equal(params[i], params[0], err_msg=f"device {i} differs")
-
-
+@shares_runs
 def test_psum_and_all_gather_see_the_same_codes():
   """Same per-device keys, same codes: the two strategies differ only in float sums."""
-  devices = jax.devices()[:DEVICES]
-  a, _ = helpers.run(helpers.make_tx(compressors.qsgd(1), "psum"), devices, 30)
-  b, _ = helpers.run(helpers.make_tx(compressors.qsgd(1), "all_gather"), devices, 30)
+  a, _ = qsgd_run("psum")
+  b, _ = qsgd_run("all_gather")
   # psum vs all_gather + local sum: the same 8 dequantized vectors summed in (possibly)
-  # another order, 30 steps of the 8-term sum: drift <= 30 lr (8 + 4) u (rows=0: the codes
-  # are the same; see drift). Was rtol=1e-5, atol=1e-6.
-  np.testing.assert_allclose(a.params[0], b.params[0], rtol=0, atol=drift(30, 0))
+  # another order, STEPS steps of the 8-term sum: drift <= STEPS lr (8 + 4) u (rows=0: the
+  # codes are the same; see drift). Was rtol=1e-5, atol=1e-6.
+  np.testing.assert_allclose(a.params[0], b.params[0], rtol=0, atol=drift(STEPS, 0))
 
 
 class _Seen(NamedTuple):
@@ -132,14 +142,14 @@ def test_compressor_sees_per_device_gradients(wrapper):
   assert not np.allclose(seen[0], seen[1])  # shards differ, so the gradients must too
 
 
+@shares_runs
 @pytest.mark.parametrize("aggregation", ["psum", "two_phase"])
 def test_vmapped_matches_pmapped(aggregation):
   """N devices simulated in one program compute what pmap computes, data shared or split."""
-  devices = jax.devices()[:DEVICES]
   tx = helpers.make_tx(compressors.qsgd(4), aggregation)
-  by_pmap, m_pmap = helpers.run(tx, devices, 20)
+  by_pmap, m_pmap = qsgd_run(aggregation)
   step = parallel.make_step(planted.loss, helpers.batch_fn(), tx, metrics_fn=planted.metrics_fn)
-  run = parallel.scan_steps(step, 20)
+  run = parallel.scan_steps(step, STEPS)
   dataset, w_star = helpers.problem()
   state = parallel.init_state(jnp.zeros(helpers.DIM), tx)
   key = jax.random.key(4)
@@ -156,31 +166,32 @@ def test_vmapped_matches_pmapped(aggregation):
     # vmap batches each device's 16-row gradient and the psum into other kernels: drift
     # over 20 steps <= 20 lr (16 + 8 + 4) u = 2.7e-5 (see drift; was rtol=1e-5, atol=1e-6).
     np.testing.assert_allclose(vm_state.params, by_pmap.params, rtol=0,
-                               atol=drift(20, helpers.BATCH_SIZE // DEVICES))
+                               atol=drift(STEPS, helpers.BATCH_SIZE // DEVICES))
     # Per-device losses (16 squares): (16 + 3) u at equal params plus the drift's first
     # order effect; rtol=1e-4 is measured-safe, not a derived worst case.
     np.testing.assert_allclose(vm_metrics["loss"], m_pmap["loss"], rtol=1e-4, atol=1e-7)
-  assert int(shared[0].step) == 20 and shared[0].params.shape == (DEVICES, helpers.DIM)
+  assert int(shared[0].step) == STEPS and shared[0].params.shape == (DEVICES, helpers.DIM)
 
 
+@shares_runs
 def test_pmap_over_sharded_segments_matches_replicated_data():
   """Each device holding only its segment reads the same rows as with the whole data set."""
   devices = jax.devices()[:DEVICES]
-  tx = helpers.make_tx(compressors.qsgd(2))
-  replicated, _ = helpers.run(tx, devices, 15)
+  tx = helpers.make_tx(compressors.qsgd(4))
+  replicated, _ = qsgd_run("two_phase")
   step = parallel.make_step(planted.loss, helpers.batch_fn(), tx, metrics_fn=planted.metrics_fn)
   dataset, w_star = helpers.problem()
   state, w_rep, key = parallel.replicate(
       (parallel.init_state(jnp.zeros(helpers.DIM), tx), w_star, jax.random.key(4)), devices)
   segments = parallel.shard(sampling.split_segments(dataset, DEVICES), devices)
   assert {s.device for s in segments.x.addressable_shards} == set(devices)
-  sharded, _ = parallel.pmapped(parallel.scan_steps(step, 15), devices)(
+  sharded, _ = parallel.pmapped(parallel.scan_steps(step, STEPS), devices)(
       state, (segments, w_rep), key)
   # Same rows, read from a per-device segment instead of the whole set: at most the
-  # 16-row sums reassociate, drift over 15 steps <= 15 lr (16 + 8 + 4) u (was rtol=1e-5,
-  # atol=1e-6).
+  # 16-row sums reassociate, drift over STEPS steps <= STEPS lr (16 + 8 + 4) u (was
+  # rtol=1e-5, atol=1e-6).
   np.testing.assert_allclose(sharded.params, replicated.params, rtol=0,
-                             atol=drift(15, helpers.BATCH_SIZE // DEVICES))
+                             atol=drift(STEPS, helpers.BATCH_SIZE // DEVICES))
 
 
 def test_vmapped_stack_and_shard_errors():
@@ -193,11 +204,13 @@ def test_vmapped_stack_and_shard_errors():
   assert stacked["b"] == 5
 
 
+@shares_runs
 def test_same_seed_same_run_bit_for_bit():
   devices = jax.devices()[:DEVICES]
-  a, _ = helpers.run(helpers.make_tx(compressors.qsgd(4)), devices, 10)
-  b, _ = helpers.run(helpers.make_tx(compressors.qsgd(4)), devices, 10)
-  c, _ = helpers.run(helpers.make_tx(compressors.qsgd(4), seed=5), devices, 10)
+  a, _ = qsgd_run("two_phase")
+  # A new transform with the same seed: traced again, run again, the same bits.
+  b, _ = helpers.run(helpers.make_tx(compressors.qsgd(4)), devices, STEPS)
+  c, _ = helpers.run(helpers.make_tx(compressors.qsgd(4), seed=5), devices, STEPS)
   np.testing.assert_array_equal(a.params, b.params)
   assert not np.array_equal(a.params, c.params)
 

@@ -84,11 +84,17 @@ def _commands():
         yield shlex.split(line)
 
 
-def _train_config(argv):
-  """The validated Config ``python -m jrelu.train *argv`` would run, parsed in-process."""
+def _train_flags():
+  """A FlagValues holding ``jrelu.train``'s flags."""
   values = flags.FlagValues()
   flags.DEFINE_string("workdir", "runs/latest", "", flag_values=values)
   train.define_config_flags(values)
+  return values
+
+
+def _train_config(argv):
+  """The validated Config ``python -m jrelu.train *argv`` would run, parsed in-process."""
+  values = _train_flags()
   values(["jrelu.train", *argv])
   return train.config_from_flags(values)
 
@@ -121,8 +127,13 @@ def test_shell_commands_and_table_flags_are_valid():
   for module in set(re.findall(r"python -m ([\w.]+)", README)):
     assert importlib.util.find_spec(module) is not None, module
   assert len(TABLE_FLAGS) >= 20, TABLE_FLAGS
+  names = set(_train_flags()) | {holder.name for holder in (
+      train._CHECKPOINT_EVERY, train._KEEP_CHECKPOINTS, train._FRESH)}  # run arguments
   for cell in TABLE_FLAGS:
-    _train_config(cell.split())
+    if re.fullmatch(r"--\w+", cell):  # a flag named in prose, e.g. `--log_every`
+      assert cell[2:] in names, cell
+    else:
+      _train_config(cell.split())
 
 
 # The README's block, verbatim, run three times in one fresh Python: a free-running loop
