@@ -106,6 +106,18 @@ def _jit_codec(s, bucket_size, norm):
 
 
 @functools.lru_cache(maxsize=None)
+def _jit_roundtrip(s, bucket_size, norm):
+  """Jitted (key, x) -> (code, decode(code)): one program per shape instead of two."""
+  c = compressors.qsgd(s, bucket_size=bucket_size, norm=norm)
+
+  def roundtrip(key, x):
+    code = c.encode(key, x)
+    return code, c.decode(code)
+
+  return jax.jit(roundtrip)
+
+
+@functools.lru_cache(maxsize=None)
 def _draw_fn(s, bucket_size, norm):
   c = compressors.qsgd(s, bucket_size=bucket_size, norm=norm)
   return jax.jit(jax.vmap(lambda k, x: c.decode(c.encode(k, x)), in_axes=(0, None)))
@@ -230,10 +242,10 @@ def test_code_scales_are_bucket_norms(s, bucket_size, norm, d):
 @pytest.mark.parametrize("s", [1, 4])
 @pytest.mark.parametrize("shape", [(300,), (7, 13), (1,)])
 def test_all_zero_input_decodes_to_zeros(shape, s, bucket_size, norm):
-  _, encode, decode = _jit_codec(s, bucket_size, norm)
-  code = encode(jax.random.key(0), jnp.zeros(shape, jnp.float32))
+  code, out = _jit_roundtrip(s, bucket_size, norm)(jax.random.key(0),
+                                                    jnp.zeros(shape, jnp.float32))
   assert np.all(np.asarray(code.scales) == 0)
-  out = np.asarray(decode(code))
+  out = np.asarray(out)
   assert out.shape == shape
   assert not np.any(np.isnan(out))
   assert np.all(out == 0)
@@ -337,10 +349,8 @@ def test_factory_accepts_numpy_integers():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", [(300,), (7, 13)])
 def test_dtype_and_shape_preserved(dtype, shape):
-  _, encode, decode = _jit_codec(4, 64, "l2")
   x = jax.random.normal(jax.random.key(0), shape).astype(dtype)
-  code = encode(jax.random.key(1), x)
-  out = decode(code)
+  code, out = _jit_roundtrip(4, 64, "l2")(jax.random.key(1), x)
   assert out.dtype == dtype
   assert out.shape == shape
   # The decoded values are a coarse but sane estimate: within one level step (largest
