@@ -48,6 +48,9 @@ def reference_top_k(x, k):
 # compile time, measured; the rand_k tests on many small configurations stay eager.
 
 
+_unpack = jax.jit(bitpack.unpack, static_argnums=(1, 2))
+
+
 def _quoted(value):
   """Regex matching repr(value) as a whole token."""
   return r"(?<![\w.\-])" + re.escape(repr(value)) + r"(?![\w.])"
@@ -139,7 +142,7 @@ def test_top_k_keeps_exactly_the_largest_magnitudes(kwargs, shape, kind):
   order = reference_top_k(x, k)
   # The code holds the values in descending magnitude, ties to the lowest index (the
   # order of numpy's stable argsort of -|x|), and exactly those indices.
-  indices = np.asarray(bitpack.unpack(code.words, bitpack.bits_for(size), k))
+  indices = np.asarray(_unpack(code.words, bitpack.bits_for(size), k))
   np.testing.assert_array_equal(indices, order)
   np.testing.assert_array_equal(np.asarray(code.values), x.ravel()[order])
   expected = np.zeros(size, np.float32)
