@@ -61,6 +61,9 @@ def jitted(clip_factor):
   return tuple(jax.jit(f) for f in (c.encode, c.decode, c.scales, c.quantize))
 
 
+_unpack = jax.jit(bitpack.unpack, static_argnums=(1, 2))
+
+
 def draws(v, clip_factor=None, shared_scale=None, seed=1):
   """K decoded draws, float64 [K, d]: the codec itself, or quantize under shared_scale."""
   keys = jax.random.split(jax.random.key(seed), K)
@@ -278,7 +281,7 @@ def test_encode_is_quantize_with_own_scale_then_pack(clip_factor, shape):
     code = encode(key, x)
     levels = quantize(key, x, scales(x))
     np.testing.assert_array_equal(np.asarray(code.scale), np.asarray(scales(x)))
-    symbols = np.asarray(bitpack.unpack(code.words, 2, d))
+    symbols = np.asarray(_unpack(code.words, 2, d))
     assert np.all(symbols <= 2)  # the symbol 3 never occurs
     np.testing.assert_array_equal(symbols.astype(np.int64) - 1, np.asarray(levels))
     np.testing.assert_array_equal(
