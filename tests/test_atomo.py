@@ -286,7 +286,7 @@ def test_entry_empty_draws_happen_and_decode_to_zeros():
   c = compressors.atomo(1)
   encode = jax.jit(jax.vmap(c.encode, in_axes=(0, None)))
   codes = encode(jax.random.split(jax.random.key(SEED), num_draws), x)
-  out = np.asarray(jax.vmap(c.decode)(codes))
+  out = np.asarray(jax.jit(jax.vmap(c.decode))(codes))
   empty = np.all(np.asarray(codes.words) == 0, axis=1)
   prob_empty = (15 / 16) ** 16
   tol = 6.0 * math.sqrt(prob_empty * (1 - prob_empty) / num_draws)

@@ -9,15 +9,17 @@ from hypothesis.extra import numpy as hnp
 
 from jrelu.compressors import bitpack
 
+import helpers
+
 # JAX compiles each new (n, bits) shape, so examples are slow-ish: keep the count modest
 # and switch the per-example deadline off. derandomize makes every run draw the same
 # examples (a deterministic test suite); the properties are exact, so no example is flaky.
 # Every width 1..32 is also checked explicitly below, so the drawn examples add variety in
 # n and values rather than coverage of widths.
 PROPERTY_SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
-# pack / unpack compiled once per (n, bits) rather than op by op.
+# pack / unpack compiled once per (n, bits) rather than op by op (eager JAX compiles every
+# primitive); test_compressor_contract's jit-vs-eager test runs them eagerly in the codecs.
 _pack = jax.jit(bitpack.pack, static_argnums=1)
-_unpack = jax.jit(bitpack.unpack, static_argnums=(1, 2))
 
 
 @st.composite
@@ -49,7 +51,7 @@ def check_layout_and_roundtrip(bits, values):
   assert words_np.dtype == np.uint32
   assert words_np.shape == (bitpack.packed_words(values.shape[0], bits),)
   np.testing.assert_array_equal(words_np, reference_pack(values, bits))
-  out = np.asarray(_unpack(words, bits, values.shape[0]))
+  out = np.asarray(helpers.unpack(words, bits, values.shape[0]))
   assert out.dtype == np.uint32
   np.testing.assert_array_equal(out, values)
 
@@ -93,10 +95,10 @@ def test_pack_shape_and_dtype(n, bits):
 def test_tiny_exact_example():
   # Fields of 2 bits, first value in the lowest bits: 0b11_10_01.
   np.testing.assert_array_equal(
-      np.asarray(bitpack.pack(np.array([1, 2, 3], np.uint32), 2)),
+      np.asarray(_pack(np.array([1, 2, 3], np.uint32), 2)),
       np.array([0b111001], np.uint32))
   np.testing.assert_array_equal(
-      np.asarray(bitpack.unpack(np.array([0b111001], np.uint32), 2, 3)),
+      np.asarray(helpers.unpack(np.array([0b111001], np.uint32), 2, 3)),
       np.array([1, 2, 3], np.uint32))
 
 
@@ -105,16 +107,16 @@ def test_value_straddling_two_words():
   # and 31 of word 0 (values 1 and 0) and bit 0 of word 1 (value 1).
   values = np.zeros(11, np.uint32)
   values[10] = 0b101
-  words = np.asarray(bitpack.pack(values, 3))
+  words = np.asarray(_pack(values, 3))
   np.testing.assert_array_equal(words, np.array([1 << 30, 1], np.uint32))
-  np.testing.assert_array_equal(np.asarray(bitpack.unpack(words, 3, 11)), values)
+  np.testing.assert_array_equal(np.asarray(helpers.unpack(words, 3, 11)), values)
 
 
 def test_full_width_values_survive():
   values = np.array([0xFFFFFFFF, 0, 2**31, 2**31 - 1, 12345], np.uint32)
-  words = bitpack.pack(values, 32)
+  words = _pack(values, 32)
   np.testing.assert_array_equal(np.asarray(words), values)
-  np.testing.assert_array_equal(np.asarray(bitpack.unpack(words, 32, 5)), values)
+  np.testing.assert_array_equal(np.asarray(helpers.unpack(words, 32, 5)), values)
 
 
 @pytest.mark.parametrize("bits", [1, 3, 4, 7, 16, 31])
@@ -123,8 +125,8 @@ def test_bits_above_the_field_are_masked(bits):
   rng = np.random.default_rng(bits)
   values = rng.integers(0, 2**bits, size=50, dtype=np.uint64).astype(np.uint32)
   dirty = values | np.uint32(1 << bits)
-  np.testing.assert_array_equal(np.asarray(bitpack.pack(dirty, bits)),
-                                np.asarray(bitpack.pack(values, bits)))
+  np.testing.assert_array_equal(np.asarray(_pack(dirty, bits)),
+                                np.asarray(_pack(values, bits)))
 
 
 @pytest.mark.parametrize("num_symbols, expected",

@@ -4,7 +4,6 @@ Adding a compressor to the suite is one line in ``COMPRESSORS``; a name in
 ``jrelu.compressors.REGISTRY`` that no entry covers fails ``test_registry_is_covered``.
 """
 
-import math
 
 import jax
 import jax.numpy as jnp

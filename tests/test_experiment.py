@@ -1,10 +1,8 @@
 """jrelu.experiment: the config's rules, the pieces it builds, and run() end to end."""
 
-import dataclasses
 import json
 
 import jax
-import numpy as np
 import optax
 import pytest
 

@@ -166,7 +166,6 @@ def test_dithered_sign_mean_and_variance():
   target = np.clip(u64, -lam, lam)
   # q takes the two values +-lam with P(+) = p = (1 + clip(u)/lam) / 2, so
   # E q = clip(u) and Var q = lam^2 - clip(u)^2 = 4 lam^2 p (1 - p).
-  p = (1.0 + target / lam) / 2.0
   var = lam**2 - target**2
   # Mean of K draws: sd sqrt(var / K); 6 sd (Gaussian tail 2e-9 per value). 1e-6 lam
   # absorbs the 2^-22 grid of float32 uniforms. At |u| >= lam, var = 0: the draws must all

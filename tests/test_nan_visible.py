@@ -11,7 +11,6 @@ collective that used to drop a NaN, and PowerSGD, which has its own collectives.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from jrelu import aggregation
 from jrelu import experiment

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from jrelu import network
-from jrelu import planted
 from jrelu import sampling
 
 U = 2.0 ** -24  # float32 unit roundoff
@@ -156,15 +155,17 @@ def test_relu_derivative_is_half_at_zero():
   data = network.sample_dataset(jax.random.key(8), teacher, 128)
   params = network.init_params(jax.random.key(9), (data, teacher), scale=0.0)
   assert np.all(np.asarray(params["hidden"]) == 0)
-  grads = jax.grad(network.loss)(params, data.x, data.y)
+  grads = jax.jit(jax.grad(network.loss))(params, data.x, data.y)
+  hidden = np.asarray(grads["hidden"], np.float64)  # indexed in numpy below: no compiles
   expected = -(np.asarray(data.x, np.float64).T @ np.asarray(data.y, np.float64)) / (2 * 128)
   # At z = 0 the residual is -y exactly, so row j is a 128-term float32 dot product (plus
   # the 1/m, 1/2, o_j = 1 factors): |error| <= (128 + 4) u sum_i |x_i| |y_i| / 256 per
-  # entry (was rtol=1e-5, atol=1e-7, tighter than that on cancelling entries).
+  # entry (was rtol=1e-5, atol=1e-7, tighter than that on cancelling entries). The bound
+  # holds for any summation order, so for the jitted gradient as for the eager one.
   bound = (128 + 4) * U * (np.abs(np.asarray(data.x, np.float64)).T
                            @ np.abs(np.asarray(data.y, np.float64))) / (2 * 128)
   for j in range(3):
-    error = np.abs(np.asarray(grads["hidden"][j], np.float64) - expected)
+    error = np.abs(hidden[j] - expected)
     assert np.all(error <= bound), (j, (error / bound).max())
 
 
@@ -185,7 +186,9 @@ def test_init_params():
 def test_batch_shards_tile_the_global_batch():
   teacher = network.sample_teacher(jax.random.key(11), 5, 2)
   data = network.sample_dataset(jax.random.key(12), teacher, 100)
-  batch_fn = sampling.make_batch_fn(64, sampling="replacement")
+  # Jitted with the shard index traced (as under pmap): one program for the 8 shards. The
+  # shards are gathered rows, so the comparisons stay bit for bit.
+  batch_fn = jax.jit(sampling.make_batch_fn(64, sampling="replacement"), static_argnums=3)
   key = jax.random.key(13)
   whole_x, whole_y = batch_fn(key, (data, teacher), 0, 1)
   shards = [batch_fn(key, (data, teacher), i, 8) for i in range(8)]
@@ -212,7 +215,8 @@ def test_gradient_descent_fits_the_teacher():
     return jax.lax.scan(body, params, None, length=600)[0]
 
   final = descend(params)
-  initial_loss = float(network.loss(params, data.x, data.y))
-  assert float(network.loss(final, data.x, data.y)) <= 1e-5 * initial_loss
+  loss = jax.jit(network.loss)  # one program for both calls
+  initial_loss = float(loss(params, data.x, data.y))
+  assert float(loss(final, data.x, data.y)) <= 1e-5 * initial_loss
   held_out = network.sample_dataset(jax.random.key(43), teacher, 2000)
-  assert float(network.prediction_error(final, held_out)) < 1e-2
+  assert float(jax.jit(network.prediction_error)(final, held_out)) < 1e-2

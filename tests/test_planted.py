@@ -12,7 +12,7 @@ U = 2.0 ** -24  # float32 unit roundoff
 
 
 def test_relu_derivative_is_one_half_at_zero():
-  grad = jax.grad(planted.relu)
+  grad = jax.jit(jax.grad(planted.relu))  # one program for the three calls
   # Exact: the derivative is (1 + sign(z)) / 2 in {0, 1/2, 1}, all representable.
   assert grad(0.0) == 0.5
   assert grad(2.0) == 1.0
@@ -23,19 +23,19 @@ def test_relu_derivative_is_one_half_at_zero():
 def test_gradient_at_zero_is_minus_half_moment():
   w_star = planted.sample_w_star(jax.random.key(0), 30)
   data = planted.sample_dataset(jax.random.key(1), w_star, 200)
-  grad = jax.grad(planted.loss)(jnp.zeros(30), data.x, data.y)
+  grad = jax.jit(jax.grad(planted.loss))(jnp.zeros(30), data.x, data.y)
   expected = -(data.y @ data.x) / (2 * 200)
   # Both sides are a 200-term float32 dot product per coordinate (plus <= 4 exact-scale
   # roundings of the 1/m, 1/2 factors): |error| <= (200 + 4) u sum_i |y_i x_ij| / 400 each,
-  # twice that between them. Per coordinate, since sum_i y_i x_ij cancels (a relative
+  # twice that between them, in any summation order (so jitted as eager). Per coordinate, since sum_i y_i x_ij cancels (a relative
   # bound would not hold); measured <= 0.014 of it.
   x64, y64 = np.asarray(data.x, np.float64), np.asarray(data.y, np.float64)
   bound = 2 * (200 + 4) * U * (np.abs(y64) @ np.abs(x64)) / 400
   error = np.abs(np.asarray(grad, np.float64) - np.asarray(expected, np.float64))
   assert np.all(error <= bound), (error / bound).max()
   # With jax.nn.relu the same loss would be stuck at w = 0.
-  stuck = jax.grad(lambda w: 0.5 * jnp.mean((jax.nn.relu(data.x @ w) - data.y) ** 2))(
-      jnp.zeros(30))
+  stuck = jax.jit(jax.grad(
+      lambda w: 0.5 * jnp.mean((jax.nn.relu(data.x @ w) - data.y) ** 2)))(jnp.zeros(30))
   assert np.all(stuck == 0)
 
 
@@ -64,7 +64,7 @@ def test_population_gradient_matches_closed_form():
   w_star = planted.sample_w_star(jax.random.key(0), d)
   data = planted.sample_dataset(jax.random.key(1), w_star, n)
   w = w_star + 0.7 * planted.sample_w_star(jax.random.key(2), d)
-  per_sample = jax.vmap(jax.grad(planted.loss), in_axes=(None, 0, 0))(
+  per_sample = jax.jit(jax.vmap(jax.grad(planted.loss), in_axes=(None, 0, 0)))(
       w, data.x[:, None, :], data.y[:, None])
   per_sample = np.asarray(per_sample, np.float64)
   mc = per_sample.mean(0)

@@ -422,10 +422,16 @@ def test_pmap_equals_single_device_powersgd_of_the_mean_gradient():
   _, outs, states = run_pmap(powersgd_lib.powersgd(2, key=key, axis_name="data"), grads)
   mean_grads = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
   _, ref_outs, ref_states = run_single(powersgd_lib.powersgd(2, key=key), mean_grads)
+  # Indexed as numpy arrays (a copy, exact): eager indexing of jax arrays compiles a
+  # program per index.
+  outs, ref_outs = jax.device_get(outs), jax.device_get(ref_outs)
+  q, ref_q = np.asarray(states.q["w"]), np.asarray(ref_states.q["w"])
+  error, ref_error = np.asarray(states.error["w"]), np.asarray(ref_states.error["w"])
+  grads_w = np.asarray(grads["w"])
 
-  for leaf in (outs["w"], outs["b"], states.q["w"]):
+  for leaf in (outs["w"], outs["b"], q):
     for i in range(1, DEVICES):  # identical on every device, bit for bit
-      np.testing.assert_array_equal(np.asarray(leaf[i]), np.asarray(leaf[0]))
+      np.testing.assert_array_equal(leaf[i], leaf[0])
 
   def close(a, b):
     a, b = as64(a), as64(b)
@@ -434,15 +440,12 @@ def test_pmap_equals_single_device_powersgd_of_the_mean_gradient():
   for t in range(num_steps):
     close(outs["w"][0, t], ref_outs["w"][t])
     close(outs["b"][0, t], ref_outs["b"][t])      # vectors: the plain mean
-    close(states.q["w"][0, t], ref_states.q["w"][t])
-    close(np.mean(as64(states.error["w"][:, t]), axis=0), ref_states.error["w"][t])
+    close(q[0, t], ref_q[t])
+    close(np.mean(as64(error[:, t]), axis=0), ref_error[t])
     # Each device keeps its own residual e_i = M_i - M_hat, exactly.
-    prev = np.zeros((DEVICES, 12, 16), np.float32) if t == 0 else \
-        np.asarray(states.error["w"][:, t - 1])
-    np.testing.assert_array_equal(
-        np.asarray(states.error["w"][:, t]),
-        (np.asarray(grads["w"][:, t]) + prev) - np.asarray(outs["w"][:, t]))
-  errors = np.asarray(states.error["w"][:, -1])
+    prev = np.zeros((DEVICES, 12, 16), np.float32) if t == 0 else error[:, t - 1]
+    np.testing.assert_array_equal(error[:, t], (grads_w[:, t] + prev) - outs["w"][:, t])
+  errors = error[:, -1]
   assert not np.allclose(errors[0], errors[1])
 
 
@@ -455,8 +458,9 @@ def test_pmean_of_p_is_exactly_mean_matrix_times_q():
   steps = jax.pmap(lambda m: powersgd_lib.low_rank_step(m, jnp.asarray(q), "data"),
                    axis_name="data", devices=jax.devices()[:DEVICES])(jnp.asarray(mats))
   expected = (mats.astype(np.float64).mean(0) @ q.astype(np.float64)).astype(np.float32)
+  p = np.asarray(steps.p)  # indexed in numpy: eager jax indexing compiles per index
   for i in range(DEVICES):
-    np.testing.assert_array_equal(np.asarray(steps.p[i]), expected)
+    np.testing.assert_array_equal(p[i], expected)
   single = jax.jit(powersgd_lib.low_rank_step)(jnp.asarray(mats.mean(0)), jnp.asarray(q))
   np.testing.assert_array_equal(np.asarray(single.p), expected)
   # P is equal bit for bit (above), but QR and P_hat P_hat^T M then run in two programs

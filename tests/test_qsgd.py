@@ -94,6 +94,30 @@ def make_vector(d, seed):
 
 
 @functools.lru_cache(maxsize=None)
+def _jit_codec(s, bucket_size, norm):
+  """(codec, jitted encode, jitted decode) of one QSGD configuration, shared by the tests.
+
+  Eager calls would compile every primitive separately (dozens of XLA programs per call);
+  one jit per function is one program per input shape, reused across tests. The eager
+  path is checked for every codec by test_compressor_contract's jit-vs-eager test.
+  """
+  c = compressors.qsgd(s, bucket_size=bucket_size, norm=norm)
+  return c, jax.jit(c.encode), jax.jit(c.decode)
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_roundtrip(s, bucket_size, norm):
+  """Jitted (key, x) -> (code, decode(code)): one program per shape instead of two."""
+  c = compressors.qsgd(s, bucket_size=bucket_size, norm=norm)
+
+  def roundtrip(key, x):
+    code = c.encode(key, x)
+    return code, c.decode(code)
+
+  return jax.jit(roundtrip)
+
+
+@functools.lru_cache(maxsize=None)
 def _draw_fn(s, bucket_size, norm):
   c = compressors.qsgd(s, bucket_size=bucket_size, norm=norm)
   return jax.jit(jax.vmap(lambda k, x: c.decode(c.encode(k, x)), in_axes=(0, None)))
@@ -202,7 +226,8 @@ def test_decoded_values_lie_on_the_grid(s, bucket_size, norm, d):
 @pytest.mark.parametrize("s, bucket_size, norm, d", CONFIGS[:4], ids=CONFIG_IDS[:4])
 def test_code_scales_are_bucket_norms(s, bucket_size, norm, d):
   v = make_vector(d, seed=3)
-  code = compressors.qsgd(s, bucket_size=bucket_size, norm=norm).encode(jax.random.key(1), v)
+  _, encode, _ = _jit_codec(s, bucket_size, norm)
+  code = encode(jax.random.key(1), v)
   assert code.scales.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(code.scales), bucket_scales(v, bucket_size, norm),
                              rtol=1e-5)
@@ -217,10 +242,10 @@ def test_code_scales_are_bucket_norms(s, bucket_size, norm, d):
 @pytest.mark.parametrize("s", [1, 4])
 @pytest.mark.parametrize("shape", [(300,), (7, 13), (1,)])
 def test_all_zero_input_decodes_to_zeros(shape, s, bucket_size, norm):
-  c = compressors.qsgd(s, bucket_size=bucket_size, norm=norm)
-  code = c.encode(jax.random.key(0), jnp.zeros(shape, jnp.float32))
+  code, out = _jit_roundtrip(s, bucket_size, norm)(jax.random.key(0),
+                                                    jnp.zeros(shape, jnp.float32))
   assert np.all(np.asarray(code.scales) == 0)
-  out = np.asarray(c.decode(code))
+  out = np.asarray(out)
   assert out.shape == shape
   assert not np.any(np.isnan(out))
   assert np.all(out == 0)
@@ -228,30 +253,30 @@ def test_all_zero_input_decodes_to_zeros(shape, s, bucket_size, norm):
 
 @pytest.mark.parametrize("norm", ["l2", "max"])
 def test_one_zero_bucket_among_nonzero_buckets(norm):
-  c = compressors.qsgd(4, bucket_size=64, norm=norm)
+  c, encode, _ = _jit_codec(4, 64, norm)
   v = make_vector(300, seed=11)
   v[64:128] = 0.0  # bucket 1 is all zero; bucket 4 (44 entries) is short
   v = v.astype(np.float32)
   keys = jax.random.split(jax.random.key(5), 50)
-  outs = np.asarray(jax.vmap(lambda k: c(k, jnp.asarray(v)))(keys))
+  outs = np.asarray(jax.jit(jax.vmap(lambda k: c(k, jnp.asarray(v))))(keys))
   assert np.all(np.isfinite(outs))
   assert np.all(outs[:, 64:128] == 0)
-  scales = np.asarray(c.encode(keys[0], v).scales)
+  scales = np.asarray(encode(keys[0], v).scales)
   assert scales[1] == 0 and np.all(scales[[0, 2, 3, 4]] > 0)
   # The other buckets are still quantized: across 50 draws their coordinates are not all 0.
   assert np.any(outs[:, :64] != 0) and np.any(outs[:, 256:] != 0)
 
 
 def test_same_key_same_code_different_keys_different_codes():
-  c = compressors.qsgd(4, bucket_size=64)
+  _, encode, _ = _jit_codec(4, 64, "l2")
   v = jnp.asarray(make_vector(300, seed=2))
-  a = c.encode(jax.random.key(42), v)
-  b = c.encode(jax.random.key(42), v)
+  a = encode(jax.random.key(42), v)
+  b = encode(jax.random.key(42), v)
   np.testing.assert_array_equal(np.asarray(a.words), np.asarray(b.words))
   np.testing.assert_array_equal(np.asarray(a.scales), np.asarray(b.scales))
   # For a generic vector (many p_i strictly between 0 and 1) two keys agree on all 300
   # roundings with negligible probability.
-  others = [c.encode(jax.random.key(k), v) for k in (43, 44, 45)]
+  others = [encode(jax.random.key(k), v) for k in (43, 44, 45)]
   for o in others:
     assert not np.array_equal(np.asarray(o.words), np.asarray(a.words))
   # The scales do not depend on the key.
@@ -324,13 +349,12 @@ def test_factory_accepts_numpy_integers():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", [(300,), (7, 13)])
 def test_dtype_and_shape_preserved(dtype, shape):
-  c = compressors.qsgd(4, bucket_size=64)
   x = jax.random.normal(jax.random.key(0), shape).astype(dtype)
-  out = c.decode(c.encode(jax.random.key(1), x))
+  code, out = _jit_roundtrip(4, 64, "l2")(jax.random.key(1), x)
   assert out.dtype == dtype
   assert out.shape == shape
   # The decoded values are a coarse but sane estimate: within one level step (largest
   # scale / s) of x, plus rounding of the output to dtype (bfloat16: 2^-8 relative).
-  step = float(jnp.max(c.encode(jax.random.key(1), x).scales)) / 4
+  step = float(np.max(np.asarray(code.scales))) / 4
   err = np.abs(np.asarray(out, np.float32) - np.asarray(x, np.float32))
   assert np.max(err) <= step * (1.05 if dtype == jnp.bfloat16 else 1.001)

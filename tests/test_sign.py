@@ -23,7 +23,8 @@ from hypothesis.extra import numpy as hnp
 
 from jrelu import aggregation
 from jrelu import compressors
-from jrelu.compressors import bitpack
+
+import helpers
 
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
 
@@ -31,6 +32,20 @@ PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
 @functools.lru_cache(maxsize=None)
 def _jitted(scaled):
   return jax.jit(compressors.sign(scaled=scaled).__call__)
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_fns(scaled):
+  """Jitted (encode, decode, vmapped call, vmapped encode, vmapped decode) of one sign codec.
+
+  The tests call these instead of the eager codec: eager JAX compiles every primitive on
+  its own (dozens of XLA programs per call), a jit one program per shape, reused across
+  tests. The eager path is checked for every codec by test_compressor_contract's
+  jit-vs-eager test. The vmapped forms map over keys (the input is shared) or codes.
+  """
+  c = compressors.sign(scaled=scaled)
+  return (jax.jit(c.encode), jax.jit(c.decode), jax.jit(jax.vmap(c, in_axes=(0, None))),
+          jax.jit(jax.vmap(c.encode, in_axes=(0, None))), jax.jit(jax.vmap(c.decode)))
 
 
 def roundtrip(c, x):
@@ -65,32 +80,30 @@ def six_sigma(p, n):
 
 
 def test_unscaled_exact_outputs():
-  c = compressors.sign()
+  encode, _, call_keys, _, _ = _jit_fns(False)
   # No exact zeros: the output is deterministic. The negative subnormal -1e-45 stays
   # negative although XLA on CPU flushes it to zero in arithmetic; the positive subnormal
   # 1e-45 stays positive.
   x = np.array([3.0, -1.0, 1e-45, 0.25, 2.5, -1e-30, 1e30, -1e-45], np.float32)
   expected = np.array([1, -1, 1, 1, 1, -1, 1, -1], np.float32)
   # The key does not matter away from exact zeros: the same output under 8 keys.
-  out = np.asarray(jax.vmap(c, in_axes=(0, None))(
-      jax.random.split(jax.random.key(1), 8), jnp.asarray(x)))
+  out = np.asarray(call_keys(jax.random.split(jax.random.key(1), 8), jnp.asarray(x)))
   np.testing.assert_array_equal(out, np.broadcast_to(expected, (8, 8)))
-  code = c.encode(jax.random.key(0), x)
+  code = encode(jax.random.key(0), x)
   assert code.scale is None
   # Negative coordinates 1, 5 and 7 set bits 1, 5 and 7 of the single word.
   np.testing.assert_array_equal(np.asarray(code.words), np.array([2 + 32 + 128], np.uint32))
 
 
 def test_unscaled_exact_zeros_get_a_sign_and_the_rest_is_exact():
-  c = compressors.sign()
+  _, _, _, encode_keys, decode_codes = _jit_fns(False)
   # Coordinates 2 and 3 are +0.0 and -0.0: each decodes to +1 or -1 (the coin of the key),
   # every other coordinate exactly as without zeros.
   x = np.array([3.0, -1.0, 0.0, -0.0, 2.5, -1e-30, 1e30, -1e-45], np.float32)
   zero = np.array([False, False, True, True, False, False, False, False])
   expected = np.array([1, -1, 0, 0, 1, -1, 1, -1], np.float32)
-  codes = jax.vmap(c.encode, in_axes=(0, None))(
-      jax.random.split(jax.random.key(0), 16), jnp.asarray(x))
-  outs = np.asarray(jax.vmap(c.decode)(codes))
+  codes = encode_keys(jax.random.split(jax.random.key(0), 16), jnp.asarray(x))
+  outs = np.asarray(decode_codes(codes))
   words = np.asarray(codes.words)
   for out, word in zip(outs, words):
     np.testing.assert_array_equal(out[~zero], expected[~zero])
@@ -117,17 +130,17 @@ def test_unscaled_zeros_decode_to_random_signs():
 
 def test_scaled_exact_outputs():
   c = compressors.sign(scaled=True)
+  encode, _, call_keys, _, _ = _jit_fns(True)
   # ||x||_1 = 8 over d = 4: scale 2. The non-zero coordinates are exact; the zero gets
   # a random sign, +-2.
   x = np.array([3.0, -1.0, 0.0, -4.0], np.float32)
-  out = np.asarray(jax.vmap(c, in_axes=(0, None))(
-      jax.random.split(jax.random.key(0), 4), jnp.asarray(x)))
+  out = np.asarray(call_keys(jax.random.split(jax.random.key(0), 4), jnp.asarray(x)))
   np.testing.assert_array_equal(out[:, [0, 1, 3]], np.broadcast_to([2.0, -2.0, -2.0], (4, 3)))
   assert set(out[:, 2].tolist()) <= {-2.0, 2.0}
   x = np.array([3.0, -1.0, 0.5, -4.0], np.float32)  # no zero: scale 2.125, exact
   np.testing.assert_array_equal(roundtrip(c, x), np.array([2.125, -2.125, 2.125, -2.125],
                                                           np.float32))
-  code = c.encode(jax.random.key(0), x)
+  code = encode(jax.random.key(0), x)
   np.testing.assert_array_equal(np.asarray(code.scale), np.array([2.125], np.float32))
   # Zeros: scale 0, so 0 * (+-1) = 0, no NaN.
   for shape in [(), (1,), (7, 13)]:
@@ -136,9 +149,8 @@ def test_scaled_exact_outputs():
 
 
 def test_scaled_bfloat16_matches_float32_reference():
-  c = compressors.sign(scaled=True)
   x = jnp.asarray(random_vector(300, seed=3)).astype(jnp.bfloat16)
-  out = c(jax.random.key(0), x)
+  out = _jitted(True)(jax.random.key(0), x)
   assert out.dtype == jnp.bfloat16
   x32 = np.asarray(x, np.float32)
   expected = np.mean(np.abs(x32)) * np.where(x32 >= 0, 1.0, -1.0)
@@ -150,9 +162,9 @@ def test_key_is_unused_away_from_zeros():
   x = jnp.asarray(random_vector(100, seed=4))
   assert np.all(np.asarray(x) != 0)
   for scaled in (False, True):
-    c = compressors.sign(scaled=scaled)
-    a = c.encode(jax.random.key(1), x)
-    b = c.encode(jax.random.key(2), x)
+    encode = _jit_fns(scaled)[0]
+    a = encode(jax.random.key(1), x)
+    b = encode(jax.random.key(2), x)
     for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
       np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
@@ -211,8 +223,9 @@ def test_sign_of_zero_is_a_fair_independent_coin(dtype):
   assert out.shape == (COIN_KEYS, COIN_ZEROS + 64)
   # Same keys, same flips (and the same codes).
   np.testing.assert_array_equal(np.asarray(fn(keys, x), np.float32), out)
-  np.testing.assert_array_equal(np.asarray(c.encode(keys[7], x).words),
-                                np.asarray(c.encode(keys[7], x).words))
+  encode = _jit_fns(False)[0]
+  np.testing.assert_array_equal(np.asarray(encode(keys[7], x).words),
+                                np.asarray(encode(keys[7], x).words))
   # Away from exact zeros the output is the exact sign under every key.
   np.testing.assert_array_equal(out[:, COIN_ZEROS:],
                                 np.broadcast_to(np.sign(nonzero), (COIN_KEYS, 64)))
@@ -247,10 +260,9 @@ def test_sign_of_zero_is_a_fair_independent_coin(dtype):
 def test_scaled_sign_of_a_zero_coordinate_is_a_coin():
   # The scaled codec shares the coin: a zero coordinate of a non-zero array decodes to
   # +-scale, +scale with probability 1/2 (tolerance as above, n = COIN_KEYS draws).
-  c = compressors.sign(scaled=True)
+  call_keys = _jit_fns(True)[2]
   x = jnp.array([3.0, 0.0, -1.0, -0.0], jnp.float32)  # scale 1
-  out = np.asarray(jax.vmap(c, in_axes=(0, None))(
-      jax.random.split(jax.random.key(9), COIN_KEYS), x))
+  out = np.asarray(call_keys(jax.random.split(jax.random.key(9), COIN_KEYS), x))
   np.testing.assert_array_equal(out[:, [0, 2]], np.broadcast_to([1.0, -1.0], (COIN_KEYS, 2)))
   assert set(np.unique(out[:, [1, 3]]).tolist()) == {-1.0, 1.0}
   for j in (1, 3):
@@ -493,7 +505,7 @@ def test_one_bit_per_coordinate(shape, scaled):
   assert c.wire_bits(shape) == expected
   x = random_vector(d, seed=d).reshape(shape)
   assert np.all(x != 0)  # no exact zero: no coin, so the bits are exactly x < 0
-  code = c.encode(jax.random.key(0), x)
+  code = _jit_fns(scaled)[0](jax.random.key(0), x)
   assert compressors.payload_bits(code) == expected
   stream_bits = d if scaled else d + 1
   assert code.words.dtype == jnp.uint32 and code.words.shape == (math.ceil(stream_bits / 32),)
@@ -506,7 +518,7 @@ def test_one_bit_per_coordinate(shape, scaled):
   np.testing.assert_array_equal(stream.reshape(-1)[:d], (x.reshape(-1) < 0).astype(np.uint32))
   assert np.all(stream.reshape(-1)[d:] == 0)
   np.testing.assert_array_equal(
-      np.asarray(bitpack.unpack(code.words, 1, stream_bits))[:d],
+      np.asarray(helpers.unpack(code.words, 1, stream_bits))[:d],
       (x.reshape(-1) < 0).astype(np.uint32))
 
 

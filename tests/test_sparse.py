@@ -23,6 +23,8 @@ from jrelu import compressors
 from jrelu.compressors import bitpack
 from jrelu.compressors._sparse import kept_count
 
+import helpers
+
 
 def make_vector(shape, seed, kind="generic"):
   """float32 test input. generic: normal times mixed scales (no zeros, no ties);
@@ -39,6 +41,13 @@ def reference_top_k(x, k):
   """numpy oracle: flat indices of the k largest |x|, ties to the lowest index."""
   flat = np.asarray(x, np.float32).ravel()
   return np.argsort(-np.abs(flat), kind="stable")[:k]
+
+
+# Eager JAX compiles every primitive on its own (dozens of small XLA programs per codec
+# call), but those programs are shared by every later eager call on the same shapes; a jit
+# compiles one larger program per codec and shape (bound codecs: per common key too). The
+# tests below use jit (or eval_shape, which compiles nothing) where that costs less
+# compile time, measured; the rand_k tests on many small configurations stay eager.
 
 
 def _quoted(value):
@@ -132,7 +141,7 @@ def test_top_k_keeps_exactly_the_largest_magnitudes(kwargs, shape, kind):
   order = reference_top_k(x, k)
   # The code holds the values in descending magnitude, ties to the lowest index (the
   # order of numpy's stable argsort of -|x|), and exactly those indices.
-  indices = np.asarray(bitpack.unpack(code.words, bitpack.bits_for(size), k))
+  indices = np.asarray(helpers.unpack(code.words, bitpack.bits_for(size), k))
   np.testing.assert_array_equal(indices, order)
   np.testing.assert_array_equal(np.asarray(code.values), x.ravel()[order])
   expected = np.zeros(size, np.float32)
@@ -166,7 +175,8 @@ def test_top_k_keeps_exactly_the_largest_magnitudes(kwargs, shape, kind):
 def test_top_k_wire_bits(shape, k, expected):
   c = compressors.top_k(k)
   assert c.wire_bits(shape) == expected
-  code = c.encode(jax.random.key(0), jnp.asarray(make_vector(shape, seed=1)))
+  # The payload's shapes and dtypes are static: tracing encode (no compilation) gives them.
+  code = jax.eval_shape(c.encode, jax.random.key(0), jnp.asarray(make_vector(shape, seed=1)))
   assert compressors.payload_bits(code) == expected
   assert code.values.dtype == jnp.float32 and code.words.dtype == jnp.uint32
 
@@ -181,7 +191,7 @@ def test_top_k_docstring_examples():
 def test_top_k_bfloat16_values_are_exact():
   c = compressors.top_k(fraction=0.2)
   x = jnp.asarray(make_vector((10, 30), seed=5)).astype(jnp.bfloat16)
-  out = c(jax.random.key(0), x)
+  out = jax.jit(c)(jax.random.key(0), x)
   assert out.dtype == jnp.bfloat16 and out.shape == (10, 30)
   x32 = np.asarray(x, np.float32)
   order = reference_top_k(x32, 60)
@@ -276,13 +286,15 @@ def test_rand_k_bound_shares_indices_and_drops_the_seed():
   # The unbound codec is unchanged by bind (bind returns a copy) and keeps its seed.
   assert c.common_key is None and c.unbiased
   assert a.common_key is not None and not a.unbiased
-  # Exactly the 32-bit seed is saved.
+  # Exactly the 32-bit seed is saved. The payload's shapes are static: tracing encode
+  # (no compilation) gives them exactly.
   for shape in [(1,), (7, 13), (1000,)]:
     assert c.wire_bits(shape) - a.wire_bits(shape) == 32
     assert a.wire_bits(shape) == 32 * a.num_kept(shape)
-    assert compressors.payload_bits(a.encode(jax.random.key(0), jnp.ones(shape))) == \
+    ones = jax.ShapeDtypeStruct(shape, jnp.float32)
+    assert compressors.payload_bits(jax.eval_shape(a.encode, jax.random.key(0), ones)) == \
         a.wire_bits(shape)
-    assert compressors.payload_bits(c.encode(jax.random.key(0), jnp.ones(shape))) == \
+    assert compressors.payload_bits(jax.eval_shape(c.encode, jax.random.key(0), ones)) == \
         c.wire_bits(shape)
   # A code of one kind cannot be decoded by the other.
   with pytest.raises(ValueError, match="binding"):
@@ -308,7 +320,7 @@ def test_rand_k_bound_under_vmap_uses_the_same_indices_for_every_chunk():
   c = compressors.rand_k(fraction=0.1).bind(jax.random.key(5))
   chunks = jnp.asarray(make_vector((8, 125), seed=6))
   keys = jax.random.split(jax.random.key(0), 8)
-  outs = np.asarray(jax.vmap(lambda k, x: c.decode(c.encode(k, x)))(keys, chunks))
+  outs = np.asarray(jax.jit(jax.vmap(lambda k, x: c.decode(c.encode(k, x))))(keys, chunks))
   pattern = outs != 0
   assert np.all(pattern.sum(axis=1) == 13)  # ceil(0.1 * 125)
   assert np.all(pattern == pattern[0])
@@ -325,8 +337,7 @@ def test_rand_k_keeping_everything_is_exact(shape):
 def test_rand_k_bfloat16():
   c = compressors.rand_k(fraction=0.5)
   x = jnp.asarray(make_vector((64,), seed=3)).astype(jnp.bfloat16)
-  code = c.encode(jax.random.key(0), x)
-  out = c.decode(code)
+  out = jax.jit(c)(jax.random.key(0), x)
   assert out.dtype == jnp.bfloat16 and out.shape == (64,)
   kept = np.asarray(out, np.float32) != 0
   assert np.count_nonzero(kept) == 32

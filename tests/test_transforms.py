@@ -18,8 +18,10 @@ def test_qsgd_is_compress_of_the_qsgd_codec():
   grads = {"w": jax.random.normal(jax.random.key(0), (300,))}
   a = jrelu.qsgd(2, key=jax.random.key(1), bucket_size=64, norm="max")
   b = jrelu.compress(compressors.qsgd(2, 64, "max"), key=jax.random.key(1))
-  out_a, state_a = a.update(grads, a.init(grads))
-  out_b, _ = b.update(grads, b.init(grads))
+  # Jitted (eager JAX compiles every primitive on its own); a and b trace to the same
+  # program, so their outputs are equal bit for bit.
+  out_a, state_a = jax.jit(a.update)(grads, a.init(grads))
+  out_b, _ = jax.jit(b.update)(grads, b.init(grads))
   np.testing.assert_array_equal(out_a["w"], out_b["w"])
   assert int(state_a.count) == 1
 
@@ -28,8 +30,8 @@ def test_raw_uint32_key_is_accepted_and_equivalent():
   grads = jnp.linspace(-1, 1, 100)
   typed = jrelu.qsgd(1, key=jax.random.key(7))
   raw = jrelu.qsgd(1, key=jax.random.PRNGKey(7))
-  np.testing.assert_array_equal(typed.update(grads, typed.init(grads))[0],
-                                raw.update(grads, raw.init(grads))[0])
+  np.testing.assert_array_equal(jax.jit(typed.update)(grads, typed.init(grads))[0],
+                                jax.jit(raw.update)(grads, raw.init(grads))[0])
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -59,8 +61,9 @@ def test_leaves_and_steps_draw_independent_noise():
   grads = {"a": jnp.linspace(-1, 1, 200), "b": jnp.linspace(-1, 1, 200)}
   tx = jrelu.qsgd(1, key=jax.random.key(0))
   state = tx.init(grads)
-  out1, state = tx.update(grads, state)
-  out2, _ = tx.update(grads, state)
+  update = jax.jit(tx.update)  # one program for both steps
+  out1, state = update(grads, state)
+  out2, _ = update(grads, state)
   assert not np.array_equal(out1["a"], out1["b"])   # same values, different leaf keys
   assert not np.array_equal(out1["a"], out2["a"])   # same values, different steps
 
@@ -91,11 +94,12 @@ def test_error_feedback_keeps_the_exact_residual_on_one_device():
   grads = [{"w": jax.random.normal(jax.random.key(i), (40,))} for i in range(3)]
   state = tx.init(grads[0])
   error = np.zeros(40, np.float32)
+  update, codec = jax.jit(tx.update), jax.jit(c)  # one program each for the 3 steps
   for t, g in enumerate(grads):
-    out, state = jax.jit(tx.update)(g, state)
+    out, state = update(g, state)
     p = np.asarray(g["w"]) + error
     leaf_key = jax.random.split(jax.random.fold_in(key, t), 1)[0]
-    sent = np.asarray(c(leaf_key, jnp.asarray(p)))
+    sent = np.asarray(codec(leaf_key, jnp.asarray(p)))
     np.testing.assert_allclose(np.asarray(out["w"]), sent, rtol=1e-6)
     error = p - sent
     np.testing.assert_allclose(np.asarray(state.error["w"]), error, rtol=1e-6, atol=1e-7)
