@@ -118,18 +118,7 @@ def restore(directory: str, like, step: int | None = None):
   Example:
     >>> (params, opt_state), meta = restore("runs/x/checkpoints", like=(params, opt_state))
   """
-  if step is None:
-    step = latest_step(directory)
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {directory}")
-  ocp, manager = _manager(directory)
-  try:
-    if step not in manager.all_steps():
-      raise FileNotFoundError(f"no checkpoint of step {step} in {directory}")
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(), metadata=ocp.args.JsonRestore()))
-  finally:
-    manager.close()
+  step, restored = _read(directory, step, state=True)
   arrays = restored["state"]
   if like is None:
     return [np.asarray(arrays[str(i)]) for i in range(len(arrays))], dict(
@@ -167,6 +156,15 @@ def read_metadata(directory: str, step: int | None = None) -> dict:
     >>> read_metadata("runs/x/checkpoints")["config"]["seed"]
     0
   """
+  return dict(_read(directory, step, state=False)[1]["metadata"])
+
+
+def _read(directory: str, step: int | None, state: bool):
+  """``(step, items)``: the metadata (and with ``state`` the arrays) of checkpoint ``step``.
+
+  Raises:
+    FileNotFoundError: when ``directory`` holds no complete checkpoint (of ``step``).
+  """
   if step is None:
     step = latest_step(directory)
     if step is None:
@@ -175,8 +173,9 @@ def read_metadata(directory: str, step: int | None = None) -> dict:
   try:
     if step not in manager.all_steps():
       raise FileNotFoundError(f"no checkpoint of step {step} in {directory}")
-    restored = manager.restore(step, args=ocp.args.Composite(
-        metadata=ocp.args.JsonRestore()))
+    items = {"metadata": ocp.args.JsonRestore()}
+    if state:
+      items["state"] = ocp.args.PyTreeRestore()
+    return step, manager.restore(step, args=ocp.args.Composite(**items))
   finally:
     manager.close()
-  return dict(restored["metadata"])

@@ -61,7 +61,7 @@ def crash_in_commit_at(monkeypatch, step):
 @pytest.fixture(autouse=True)
 def no_plot(monkeypatch):
   # The plot is no part of the state compared, and matplotlib costs ~1.7 s per run.
-  monkeypatch.setattr(experiment, "_plot", lambda *args: None)
+  monkeypatch.setattr(experiment.loop, "_plot", lambda *args: None)
 
 
 def run(config, workdir, **kwargs):
@@ -107,7 +107,7 @@ def test_stopped_and_resumed_run_is_bit_identical(tmp_path, monkeypatch, name):
 
 def test_other_settings_are_refused_naming_them_and_fresh_deletes(tmp_path, caplog):
   config = experiment.Config(**SMALL)
-  saved = dict(experiment._identity(config, DEVICES), num_levels=8, seed=3)
+  saved = dict(experiment.files.identity(config, DEVICES), num_levels=8, seed=3)
   checkpoint.save(str(tmp_path / "checkpoints"), 4, [np.zeros(2)],
                   {"config": saved, "progress": {}, "history": []})
   with pytest.raises(experiment.ConfigError) as info:
@@ -172,11 +172,11 @@ def test_checkpoint_settings_are_checked(tmp_path, name):
 def test_an_unreadable_checkpoint_is_one_error_and_fresh_clears_it(tmp_path):
   config = experiment.Config(**SMALL)
   checkpoint.save(str(tmp_path / "checkpoints"), 4, [np.zeros(2)],
-                  {"config": experiment._identity(config, DEVICES)})
+                  {"config": experiment.files.identity(config, DEVICES)})
   shutil.rmtree(tmp_path / "checkpoints" / "4" / "metadata")  # damaged by hand
   with pytest.raises(experiment.ConfigError, match="checkpoint of step 4 cannot be read"):
     run(config, tmp_path)
-  experiment._delete_run_files(str(tmp_path), "test")
+  experiment.files.delete_run_files(str(tmp_path), "test")
   assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
 
 

@@ -254,7 +254,7 @@ def test_sigint_then_kill_9_then_resume_ends_bit_identical(tmp_path, monkeypatch
   # Resumed, then kill -9 at whatever it is doing (a chunk, a metrics line, a checkpoint).
   status, _ = signal_at(start_binary(workdir), workdir, step + 100, signal.SIGKILL)
   assert status == -signal.SIGKILL
-  monkeypatch.setattr(experiment, "_plot", lambda *args: None)  # not compared; ~2 s a run
+  monkeypatch.setattr(experiment.loop, "_plot", lambda *args: None)  # not compared; ~2 s a run
   # Resumed again, here in process, to the end; and a run never stopped.
   config = experiment.Config(**RESUMABLE)
   devices = jax.devices()[:8]

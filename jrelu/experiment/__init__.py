@@ -1,0 +1,51 @@
+"""One experiment: a config in, a trained planted ReLU and its records out. No flags.
+
+The library entry point behind ``python -m jrelu.train`` and the benchmarks: Kalan,
+Soltanolkotabi, Avestimehr, "Fitting ReLUs via SGD and Quantized SGD" (arXiv 1901.06587),
+where each of N devices takes the gradient of its shard of the global mini-batch, the
+gradients are compressed, exchanged and averaged, and every device applies the same
+update.
+
+    config = experiment.Config(compressor="sign", scaled_sign=True, error_feedback=True)
+    summary = experiment.run(config, "runs/ef_sign")
+
+:class:`Config` is frozen and typed; its fields are the binary's flags, one for one.
+Settings that only some methods use (``num_levels`` for QSGD, ``rank`` for PowerSGD,
+``decay_rate`` for the exponential schedule, ...) default to None, meaning "the method's
+default"; giving one to a method that does not use it is a :class:`ConfigError`, never
+ignored. :func:`resolve` fills the defaults in, and the summary records the resolved
+values.
+
+This module is the only place that knows which compressor needs which transform:
+:func:`make_tx` builds ``jrelu.compress`` or ``jrelu.error_feedback`` around a codec of
+``jrelu.compressors``, or ``jrelu.powersgd.powersgd``, whose state and collectives are its
+own.
+
+:func:`run` writes into ``workdir``: ``metrics.jsonl`` (one JSON object per logged chunk),
+``summary.json`` (the resolved config, wire bits read from the compiled program, status,
+timings), ``checkpoints/`` (``jrelu.checkpoint``) and ``relative_error.png`` when
+matplotlib is installed. It holds a lock on the workdir, resumes the run a checkpoint of
+the same settings holds (bit-identically) and refuses one of other settings; every file
+carries the run's id, and every write is atomic.
+
+Modules: ``config`` (:class:`Config`, its rules, the transform it builds), ``loop``
+(:func:`run`), ``files`` (the workdir's files, lock and atomic writes), ``memory`` (the
+estimate that refuses a config that cannot fit). The public names are re-exported here.
+"""
+
+from jrelu.experiment.config import COMPRESSOR_FIELDS, COMPRESSORS, Config, ConfigError
+from jrelu.experiment.config import DEFAULTS, MAX_SEED, NORMS, POWERSGD, SCHEDULE_FIELDS
+from jrelu.experiment.config import SCHEDULES, describe, make_codec, make_schedule, make_tx
+from jrelu.experiment.config import predicted_wire_bits, resolve
+from jrelu.experiment.files import CHECKPOINT_DIR, RUN_FILES, WriteError, append_line
+from jrelu.experiment.files import check_workdir, json_safe, write_json
+from jrelu.experiment.loop import TIMING_FIELDS, DivergedError, Interrupted, run
+from jrelu.experiment.memory import available_memory_bytes, check_memory
+from jrelu.experiment.memory import estimate_memory_bytes
+
+__all__ = ["CHECKPOINT_DIR", "COMPRESSORS", "COMPRESSOR_FIELDS", "Config", "ConfigError",
+           "DEFAULTS", "DivergedError", "Interrupted", "MAX_SEED", "NORMS", "POWERSGD",
+           "RUN_FILES", "SCHEDULES", "SCHEDULE_FIELDS", "TIMING_FIELDS", "WriteError",
+           "append_line", "available_memory_bytes", "check_memory", "check_workdir", "describe",
+           "estimate_memory_bytes", "json_safe", "make_codec", "make_schedule", "make_tx",
+           "predicted_wire_bits", "resolve", "run", "write_json"]

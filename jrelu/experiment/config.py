@@ -1,0 +1,369 @@
+"""An experiment's settings: the frozen :class:`Config`, its rules, and what it builds.
+
+Kalan, Soltanolkotabi, Avestimehr, "Fitting ReLUs via SGD and Quantized SGD" (arXiv
+1901.06587): the planted ReLU trained by data-parallel SGD with a compressed all-reduce.
+:class:`Config`'s fields are ``jrelu.train``'s flags, one for one. Settings that only some
+methods use default to None ("the method's default"); giving one to a method that does not
+use it is a :class:`ConfigError`. :func:`resolve` fills the defaults in.
+
+This module is the only place that knows which compressor needs which transform
+(:func:`make_codec`, :func:`make_tx`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable
+
+import jax.numpy as jnp
+import optax
+
+from jrelu import _checks
+from jrelu import aggregation
+from jrelu import compressors
+from jrelu import parallel
+from jrelu import planted
+from jrelu import powersgd
+from jrelu import transforms
+
+POWERSGD = "powersgd"
+COMPRESSORS = tuple(sorted(compressors.REGISTRY)) + (POWERSGD,)
+SCHEDULES = ("constant", "exponential", "inverse_sqrt")
+NORMS = ("l2", "max")
+
+# Settings that only some compressors use, and which.
+COMPRESSOR_FIELDS = {
+    "num_levels": ("qsgd",), "bucket_size": ("qsgd",), "norm": ("qsgd",),
+    "scaled_sign": ("sign",), "clip_factor": ("terngrad",), "k": ("top_k", "rand_k"),
+    "fraction": ("top_k", "rand_k"), "dither_scale": ("fo_sgd",), "budget": ("atomo",),
+    "rank": (POWERSGD,),
+}
+# Settings that only some step-size schedules use, and which.
+SCHEDULE_FIELDS = {"decay_steps": ("exponential", "inverse_sqrt"),
+                   "decay_rate": ("exponential",)}
+# The defaults that None stands for, where a method uses the setting.
+DEFAULTS = {"num_levels": 4, "norm": "max", "rank": 1, "decay_steps": 100,
+            "decay_rate": 0.5, "aggregation": "two_phase"}
+
+
+def _field(default, help_text: str, choices: Iterable[str] | None = None):
+  metadata = {"help": help_text}
+  if choices is not None:
+    metadata["choices"] = tuple(choices)
+  return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything one training run depends on; each field is a flag of ``jrelu.train``.
+
+  Build it with keyword arguments and check it with :meth:`validate` (``run`` does). None
+  means "the method's default" for settings that only some methods use (see the module
+  docstring); :func:`resolve` fills them in.
+
+  Example:
+    >>> Config(compressor="top_k", fraction=0.1, error_feedback=True).validate()
+
+  References:
+    Kalan, Soltanolkotabi, Avestimehr, arXiv 1901.06587 (the problem and the defaults
+    d = 1000, n = 4d, QSGD with s = 4 levels).
+  """
+  # The planted problem.
+  dim: int = _field(1000, "Dimension d of the planted weights.")
+  num_samples: int = _field(4000, "Number n of training samples (n/d >= 3 recovers w_star).")
+  noise_std: float = _field(0.0, "Label noise standard deviation (>= 0).")
+  init: str = _field("zeros", "Initial weights.", planted.INITS)
+  seed: int = _field(0, "Seed of data, initialization and compression noise.")
+  # Data parallelism.
+  batch_size: int = _field(1024, "Global mini-batch size, split evenly across devices.")
+  num_devices: int | None = _field(
+      None, "Data-parallel devices; default: all accelerators, or 8 simulated CPU devices "
+      "when there is none.")
+  parallel: str = _field("pmap", "SPMD wrapper of the per-device step.", parallel.WRAPPERS)
+  # Optimization.
+  num_steps: int = _field(3000, "Maximum SGD steps.")
+  learning_rate: float = _field(0.5, "SGD step size (> 0).")
+  lr_schedule: str = _field(
+      "constant", "Step size schedule: constant, exponential (x decay_rate every "
+      "decay_steps) or inverse_sqrt (lr / sqrt(1 + step / decay_steps)).", SCHEDULES)
+  decay_steps: int | None = _field(
+      None, "exponential / inverse_sqrt: schedule time scale in steps (default 100).")
+  decay_rate: float | None = _field(
+      None, "exponential: factor per decay_steps, in (0, 1] (default 0.5).")
+  momentum: float = _field(
+      0.0, "Per-device momentum beta in [0, 1) applied before compression (Signum with "
+      "--compressor=sign).")
+  # Compression.
+  compressor: str = _field("qsgd", "Gradient codec ('none' = float32).", COMPRESSORS)
+  aggregation: str | None = _field(
+      None, "How codes are averaged across devices (see jrelu.aggregation; default "
+      "two_phase). Not with powersgd, which all-reduces its factors.",
+      aggregation.STRATEGIES)
+  error_feedback: bool = _field(
+      False, "Keep each device's compression residual and add it to the next gradient "
+      "(EF-SGD). PowerSGD has it built in.")
+  num_levels: int | None = _field(
+      None, "qsgd: levels s (>= 1), ceil(log2(2s+1)) bits per coordinate (default 4).")
+  bucket_size: int | None = _field(
+      None, "qsgd: bucket size; default one bucket per (chunk of the) gradient.")
+  norm: str | None = _field(
+      None, "qsgd: scaling, 'max' (the QSGD paper's experiments; default) or 'l2' (its "
+      "theory).", NORMS)
+  scaled_sign: bool = _field(
+      False, "sign: send (||g||_1 / d) * sign(g) instead of sign(g).")
+  clip_factor: float | None = _field(
+      None, "terngrad: clip to clip_factor * std before ternarizing (e.g. 2.5).")
+  k: int | None = _field(None, "top_k / rand_k: coordinates kept per encoded array.")
+  fraction: float | None = _field(
+      None, "top_k / rand_k: fraction of coordinates kept per encoded array (default 0.1 "
+      "when --k is not given).")
+  dither_scale: float | None = _field(None, "fo_sgd: dither range factor (default 1).")
+  budget: int | None = _field(
+      None, "atomo: expected atoms sent per encoded array (default d/(8 N)).")
+  rank: int | None = _field(None, "powersgd: rank of the approximation (default 1).")
+  # Stopping and logging.
+  target_relative_error: float = _field(
+      1e-6, "Stop once ||w - w_star|| / ||w_star|| <= this (0: never).")
+  log_every: int = _field(100, "Steps per compiled chunk; metrics are logged after each.")
+
+  def validate(self) -> "Config":
+    """Checks every field and every combination; returns ``self``.
+
+    Raises:
+      ConfigError: naming the field (and, for a setting the chosen method does not
+        use, the field that chose the method) and quoting the bad value.
+    """
+    _validate(self)
+    return self
+
+
+class ConfigError(ValueError):
+  """A bad :class:`Config`; ``field`` is the field at fault, the message says why.
+
+  The message writes settings as ``name=value`` (``jrelu.train`` shows them as flags).
+  """
+
+  def __init__(self, field: str, message: str):
+    super().__init__(message)
+    self.field = field
+
+
+def checked(field: str, check: Callable, value, *args, **kwargs):
+  """``check(field, value, ...)``, its ValueError turned into ``field=value: must be ...``."""
+  try:
+    return check(field, value, *args, **kwargs)
+  except ValueError as e:
+    reason = str(e).rsplit(", got ", 1)[0].removeprefix(f"{field} ")
+    raise ConfigError(field, f"{field}={value!r}: {reason}") from None
+
+
+# The largest seed: jax.random.key takes a 32-bit seed (without x64 a larger Python int
+# wraps modulo 2^32, so two seeds would give the same run).
+MAX_SEED = 2**32 - 1
+INT32_WHY = "(JAX counts and indexes in int32)"
+
+
+def _validate(config: Config) -> None:
+  for name in ("dim", "num_samples", "batch_size", "num_steps", "log_every"):
+    checked(name, _checks.integer, getattr(config, name), 1, _checks.INT32_MAX, INT32_WHY)
+  for name in ("num_devices", "decay_steps", "bucket_size", "k", "budget", "rank"):
+    checked(name, _checks.optional_integer, getattr(config, name), 1, _checks.INT32_MAX,
+            INT32_WHY)
+  checked("num_levels", _checks.optional_integer, config.num_levels, 1,
+          compressors.QSGD.MAX_LEVELS, "(float32 must represent every level 0..s exactly)")
+  checked("seed", _checks.integer, config.seed, 0, MAX_SEED,
+          "(jax.random.key takes a 32-bit seed)")
+  # Floats are used as float32: finite and at most float32's largest value.
+  top = _checks.FLOAT32_MAX
+  checked("learning_rate", _checks.number, config.learning_rate, low=0.0, high=top,
+          low_open=True)
+  checked("noise_std", _checks.number, config.noise_std, low=0.0, high=top)
+  checked("momentum", _checks.number, config.momentum, low=0.0, high=1.0, high_open=True)
+  checked("target_relative_error", _checks.number, config.target_relative_error, low=0.0,
+          high=top)
+  for name in ("clip_factor", "dither_scale"):
+    if getattr(config, name) is not None:
+      checked(name, _checks.number, getattr(config, name), low=0.0, high=top, low_open=True)
+  if config.fraction is not None:
+    checked("fraction", _checks.number, config.fraction, low=0.0, high=1.0, low_open=True)
+  if config.decay_rate is not None:
+    checked("decay_rate", _checks.number, config.decay_rate, low=0.0, high=1.0,
+            low_open=True)
+  for f in dataclasses.fields(Config):
+    if "choices" in f.metadata and getattr(config, f.name) is not None:
+      checked(f.name, _checks.choice, getattr(config, f.name), f.metadata["choices"])
+  if config.batch_size > config.num_samples:
+    raise ConfigError("batch_size", f"batch_size={config.batch_size} is larger than "
+                      f"num_samples={config.num_samples} (a batch holds no row twice)")
+  for name, owners in COMPRESSOR_FIELDS.items():
+    if _is_set(config, name) and config.compressor not in owners:
+      raise ConfigError(name, f"{name}={getattr(config, name)!r} has no effect with "
+                        f"compressor={config.compressor!r} (it applies to compressor="
+                        f"{' or '.join(repr(o) for o in owners)})")
+  for name, owners in SCHEDULE_FIELDS.items():
+    if _is_set(config, name) and config.lr_schedule not in owners:
+      raise ConfigError(name, f"{name}={getattr(config, name)!r} has no effect with "
+                        f"lr_schedule={config.lr_schedule!r} (it applies to lr_schedule="
+                        f"{' or '.join(repr(o) for o in owners)})")
+  if config.k is not None and config.fraction is not None:
+    raise ConfigError("k", f"k={config.k} and fraction={config.fraction} both given; "
+                      "give one")
+  if config.error_feedback and config.compressor == "none":
+    raise ConfigError("error_feedback", "error_feedback=True has no effect with "
+                      "compressor='none' (float32 leaves no residual)")
+  if config.compressor == POWERSGD:
+    if config.aggregation is not None:
+      raise ConfigError("aggregation", f"aggregation={config.aggregation!r} has no effect "
+                        "with compressor='powersgd' (it all-reduces its factors P and Q)")
+    if config.error_feedback:
+      raise ConfigError("error_feedback", "error_feedback=True has no effect with "
+                        "compressor='powersgd' (its error feedback is built in)")
+  else:
+    codec = make_codec(config, 1)
+    strategy = resolve(config).aggregation
+    if strategy not in aggregation.supported(codec):
+      raise ConfigError("aggregation", f"aggregation={strategy!r} does not work with "
+                        f"compressor={config.compressor!r} (these do: "
+                        f"{', '.join(aggregation.supported(codec))})")
+
+
+def _is_set(config: Config, name: str) -> bool:
+  """Whether ``name`` differs from its default (None, False or the declared default)."""
+  default = next(f.default for f in dataclasses.fields(Config) if f.name == name)
+  return getattr(config, name) != default
+
+
+def resolve(config: Config) -> Config:
+  """``config`` with the method defaults filled in where a used setting is None.
+
+  Settings the method does not use stay None; for PowerSGD ``aggregation`` stays None
+  (its collectives are its own).
+
+  Example:
+    >>> resolve(Config()).num_levels
+    4
+  """
+  values = {}
+  for name, default in DEFAULTS.items():
+    if getattr(config, name) is not None:
+      continue
+    owners = COMPRESSOR_FIELDS.get(name) or ()
+    schedules = SCHEDULE_FIELDS.get(name) or ()
+    if (config.compressor in owners or config.lr_schedule in schedules
+        or (name == "aggregation" and config.compressor != POWERSGD)):
+      values[name] = default
+  return dataclasses.replace(config, **values)
+
+
+def make_codec(config: Config, num_devices: int) -> compressors.Compressor | None:
+  """The ``jrelu.compressors`` codec of ``config`` (None for PowerSGD).
+
+  Args:
+    config: the run's settings.
+    num_devices: N, for ATOMO's default budget ``d / (8 N)`` (an eighth of a chunk).
+
+  Raises:
+    ConfigError: when the codec's factory rejects a hyper-parameter.
+  """
+  config = resolve(config)
+  name = config.compressor
+  try:
+    if name == POWERSGD:
+      return None
+    if name == "qsgd":
+      return compressors.qsgd(config.num_levels, config.bucket_size, config.norm)
+    if name == "sign":
+      return compressors.sign(scaled=config.scaled_sign)
+    if name == "terngrad":
+      return compressors.terngrad(config.clip_factor)
+    if name in ("top_k", "rand_k"):
+      fraction = 0.1 if config.k is None and config.fraction is None else config.fraction
+      return compressors.REGISTRY[name](config.k, fraction=fraction)
+    if name == "fo_sgd":
+      return (compressors.fo_sgd() if config.dither_scale is None
+              else compressors.fo_sgd(config.dither_scale))
+    if name == "atomo":
+      budget = config.budget
+      if budget is None:
+        budget = max(1, config.dim // (8 * num_devices))
+      return compressors.atomo(budget)
+    return compressors.REGISTRY[name]()
+  except ValueError as e:
+    raise ConfigError("compressor", f"compressor={name!r}: {e}") from None
+
+
+def make_schedule(config: Config) -> optax.Schedule:
+  """The step-size schedule of ``config`` (an optax schedule)."""
+  config = resolve(config)
+  lr = config.learning_rate
+  if config.lr_schedule == "exponential":
+    return optax.exponential_decay(lr, config.decay_steps, config.decay_rate)
+  if config.lr_schedule == "inverse_sqrt":
+    return lambda step: lr / jnp.sqrt(1.0 + step / config.decay_steps)
+  return optax.constant_schedule(lr)
+
+
+def make_tx(config: Config, key, num_devices: int, axis_name: str | None = parallel.AXIS_NAME
+            ) -> optax.GradientTransformation:
+  """Momentum (optional), then compression and averaging, then SGD with the schedule.
+
+  Args:
+    config: the run's settings.
+    key: the PRNG key of the compression noise (the same on every device).
+    num_devices: N (ATOMO's default budget depends on it).
+    axis_name: the device axis the transform averages over.
+
+  Returns:
+    ``optax.chain([ema(momentum)], compression, sgd(schedule))``.
+  """
+  config = resolve(config)
+  if config.compressor == POWERSGD:
+    compression = powersgd.powersgd(config.rank, key=key, axis_name=axis_name)
+  elif config.error_feedback:
+    compression = transforms.error_feedback(
+        make_codec(config, num_devices), key=key, axis_name=axis_name,
+        aggregation=config.aggregation)
+  else:
+    compression = transforms.compress(
+        make_codec(config, num_devices), key=key, axis_name=axis_name,
+        aggregation=config.aggregation)
+  momentum = [optax.ema(config.momentum, debias=False)] if config.momentum > 0 else []
+  return optax.chain(*momentum, compression, optax.sgd(make_schedule(config)))
+
+
+def predicted_wire_bits(config: Config, params, num_devices: int) -> float:
+  """Bits one device sends per step by the formulas (the compiled program is the truth).
+
+  Args:
+    config: the run's settings.
+    params: the parameters (only shapes are read).
+    num_devices: N.
+  """
+  config = resolve(config)
+  if config.compressor == POWERSGD:
+    return powersgd.wire_bits(params, config.rank, num_devices)
+  return aggregation.wire_bits(config.aggregation, make_codec(config, num_devices),
+                               jnp.shape(params), num_devices)
+
+
+def describe(config: Config) -> str:
+  """A short label of the method, e.g. ``"qsgd s=4 (max)"`` or ``"top_k fraction=0.1 + EF"``."""
+  config = resolve(config)
+  name = config.compressor
+  if name == "none":
+    label = "float32 SGD"
+  elif name == "qsgd":
+    label = f"qsgd s={config.num_levels} ({config.norm})"
+  else:
+    extras = {"sign": "scaled" if config.scaled_sign else "",
+              "terngrad": f"clip={config.clip_factor}" if config.clip_factor else "",
+              "top_k": f"k={config.k}" if config.k else f"fraction={config.fraction or 0.1}",
+              "rand_k": f"k={config.k}" if config.k else f"fraction={config.fraction or 0.1}",
+              "atomo": f"budget={config.budget}" if config.budget else "",
+              POWERSGD: f"rank={config.rank}"}.get(name, "")
+    label = f"{name} {extras}".strip()
+  if config.momentum:
+    label += f" momentum={config.momentum}"
+  if config.error_feedback or name == POWERSGD:
+    label += " + EF"
+  return label

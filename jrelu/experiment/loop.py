@@ -1,0 +1,410 @@
+"""The training loop of an experiment: :func:`run`, checkpointed, resumable, stoppable.
+
+Kalan, Soltanolkotabi, Avestimehr, "Fitting ReLUs via SGD and Quantized SGD" (arXiv
+1901.06587): each of N devices takes the gradient of its shard of the global mini-batch,
+the gradients are compressed, exchanged and averaged, and every device applies the same
+update. Training runs in compiled chunks of ``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from typing import Callable, Iterable
+
+from absl import logging
+import jax
+import numpy as np
+
+from jrelu import _checks
+from jrelu import aggregation
+from jrelu import checkpoint
+from jrelu import parallel
+from jrelu import planted
+from jrelu import powersgd
+from jrelu import sampling
+from jrelu import wire
+from jrelu.experiment.config import (Config, ConfigError, INT32_WHY, checked, describe, make_codec,
+                                     make_tx, predicted_wire_bits, resolve)
+from jrelu.experiment import files
+from jrelu.experiment import memory
+
+class DivergedError(RuntimeError):
+  """Training produced NaN or Inf; ``step`` is the first step (1-based) where it did."""
+
+  def __init__(self, step: int, workdir: str):
+    super().__init__(f"training diverged: non-finite loss or weights at step {step}; "
+                     f"metrics up to then are kept in {workdir}")
+    self.step = step
+
+
+class Interrupted(RuntimeError):
+  """SIGINT or SIGTERM stopped the run after a checkpoint; ``signum`` and ``step`` say which.
+
+  ``summary.json`` then says ``"status": "interrupted"``; calling :func:`run` again with
+  the same settings resumes. ``jrelu.train`` exits with ``128 + signum`` (130, 143).
+  """
+
+  def __init__(self, signum: int, step: int, num_steps: int):
+    name = signal.Signals(signum).name
+    super().__init__(f"interrupted by {name} at step {step} of {num_steps}; checkpoint "
+                     "saved, run again with the same settings to resume")
+    self.signum = signum
+    self.step = step
+
+
+TIMING_FIELDS = ("steps_per_second", "compile_seconds", "run_seconds", "checkpoint_seconds")
+
+
+class _StopSignals:
+  """While active, SIGINT and SIGTERM only record that a stop was asked for.
+
+  A second signal of the same kind raises ``KeyboardInterrupt`` (the way out of a step
+  that never ends). Only installed from the main thread; old handlers are restored.
+  """
+
+  def __init__(self, active: bool):
+    self.signum = None
+    self._active = active and threading.current_thread() is threading.main_thread()
+    self._old = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum == signum:
+      raise KeyboardInterrupt
+    self.signum = signum
+    logging.warning("%s: stopping after this chunk of steps, with a checkpoint",
+                    signal.Signals(signum).name)
+
+  def __enter__(self):
+    if self._active:
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        self._old[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._old.items():
+      signal.signal(signum, handler)
+
+
+def run(config: Config, workdir: str, *, devices=None,
+        callbacks: Iterable[Callable[[dict], None]] = (), checkpoint_every: int = 500,
+        keep_checkpoints: int = 3, fresh: bool = False, handle_signals: bool = True
+        ) -> dict:
+  """Trains the planted ReLU as ``config`` says and writes the run's files to ``workdir``.
+
+  Training runs in compiled chunks of ``config.log_every`` steps (one ``lax.scan`` each)
+  and stops early once ``config.target_relative_error`` is reached. After each chunk the
+  metrics line is appended to ``metrics.jsonl``, logged, and passed to every callback.
+
+  One run per workdir: ``run`` holds an exclusive lock on ``workdir/.lock`` while it
+  runs. At the first chunk boundary at or after every ``checkpoint_every`` steps, and
+  at the end, the whole state (params, the optax state with its PRNG keys, residuals and
+  factors, the step) goes to ``workdir/checkpoints/<step>`` with the settings, the run id
+  and the metrics so far. Calling ``run`` again with the same settings resumes from the
+  latest checkpoint and ends bit-identical to an uninterrupted run (params, opt state,
+  every metric but the timings); ``metrics.jsonl`` is cut back to the checkpoint, so
+  each logged step appears exactly once. A checkpoint written under other settings is
+  refused, unless ``fresh``, which deletes the earlier run's files (each one logged).
+
+  Args:
+    config: the run's settings (validated here).
+    workdir: directory for ``metrics.jsonl``, ``summary.json``, the plot and
+      ``checkpoints/``.
+    devices: the N devices; default ``jrelu.parallel.setup_devices(config.num_devices)``.
+    callbacks: functions called with each metrics line (a dict with ``step``,
+      ``relative_error``, ``loss``, ``steps_per_second``, ``run_seconds``,
+      ``cumulative_wire_bits_per_device``, ``run_id``).
+    checkpoint_every: steps between checkpoints (>= 1), rounded up to a chunk boundary.
+    keep_checkpoints: how many of the latest checkpoints to keep (>= 1).
+    fresh: delete an earlier run's files in ``workdir`` instead of resuming it.
+    handle_signals: from the main thread, SIGINT and SIGTERM stop the run at the end
+      of the current chunk with a checkpoint and ``"status": "interrupted"`` (then
+      :class:`Interrupted` is raised).
+
+  Returns:
+    The summary dict also written to ``summary.json``.
+
+  Raises:
+    ConfigError: for a bad setting, a batch not divisible by N, a config whose
+      estimated memory exceeds what is available (:func:`check_memory`), a
+      ``JAX_PLATFORMS`` whose backend cannot start, an unwritable ``workdir``, a
+      ``workdir`` in use by another run, or a checkpoint of other settings.
+    DivergedError: when a loss or the weights become NaN or Inf (``summary.json`` is
+      still written, with ``"status": "diverged"``).
+    Interrupted: after SIGINT or SIGTERM (``summary.json`` says ``"interrupted"``).
+    files.WriteError: when a file of the run cannot be written, naming it.
+
+  Example:
+    >>> summary = run(Config(num_steps=200), "runs/qsgd")
+    >>> summary["relative_error"], summary["wire_bits_per_step_per_device"]
+  """
+  config = resolve(config.validate())
+  checkpoint_every = checked("checkpoint_every", _checks.integer, checkpoint_every, 1,
+                             _checks.INT32_MAX, INT32_WHY)
+  keep_checkpoints = checked("keep_checkpoints", _checks.integer, keep_checkpoints, 1,
+                             _checks.INT32_MAX, INT32_WHY)
+  if devices is None:
+    try:
+      devices = parallel.setup_devices(config.num_devices)
+    except ValueError as e:
+      raise ConfigError("num_devices", f"num_devices={config.num_devices}: {e}") from None
+    except (RuntimeError, AssertionError) as e:  # JAX cannot start the asked-for backend
+      platforms = os.environ.get("JAX_PLATFORMS", "")
+      reason = (str(e).strip().splitlines()
+                or ["it is not installed, or has no device on this machine"])[0]
+      raise ConfigError("JAX_PLATFORMS", f"JAX_PLATFORMS={platforms!r}: JAX cannot start "
+                        f"that backend here ({reason})") from None
+  n_dev = len(devices)
+  if config.batch_size % n_dev:
+    raise ConfigError("batch_size", f"batch_size={config.batch_size} is not divisible by "
+                      f"the {n_dev} devices")
+  if config.aggregation == "integer_psum":
+    try:
+      aggregation.integer_psum_width(make_codec(config, n_dev), n_dev)
+    except ValueError as e:
+      raise ConfigError("num_levels", f"num_levels={config.num_levels}, aggregation="
+                        f"'integer_psum': {e}") from None
+  memory.check_memory(config, devices)
+  files.check_workdir(workdir)
+  lock = files.lock(workdir)
+  try:
+    with _StopSignals(handle_signals) as stop:
+      return _run_locked(config, workdir, devices, callbacks, checkpoint_every,
+                         keep_checkpoints, fresh, stop)
+  finally:
+    lock.close()
+
+
+def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_checkpoints,
+                fresh, stop):
+  """:func:`run` once the workdir is locked."""
+  n_dev = len(devices)
+  identity = files.identity(config, n_dev)
+  resumed = files.prepare(workdir, identity, fresh)
+  ckpt_dir = os.path.join(workdir, files.CHECKPOINT_DIR)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  summary_path = os.path.join(workdir, "summary.json")
+
+  key = jax.random.key(config.seed)
+  w_key, data_key, init_key, tx_key, batch_key = jax.random.split(key, 5)
+  w_star = planted.sample_w_star(w_key, config.dim)
+  dataset = planted.sample_dataset(data_key, w_star, config.num_samples, config.noise_std)
+  params = planted.init_params(init_key, (dataset, w_star), config.init)
+  tx = make_tx(config, tx_key, n_dev)
+  step = parallel.make_step(planted.loss, sampling.make_batch_fn(config.batch_size), tx,
+                            metrics_fn=planted.metrics_fn)
+  state, data, batch_key = parallel.replicate(
+      (parallel.init_state(params, tx), (dataset, w_star), batch_key), devices)
+
+  programs_depend_on = {k: v for k, v in identity.items()
+                        if k not in ("num_steps", "target_relative_error", "log_every")}
+  cache_key = (json.dumps(programs_depend_on, sort_keys=True),
+               tuple(d.id for d in devices))
+  bits = _cached(cache_key + ("wire",), lambda: wire.measure(
+      parallel.wrap(config.parallel, step, devices), state, data, batch_key))
+  float32_bits = aggregation.float32_allreduce_bits((config.dim,), n_dev)
+  codec = make_codec(config, n_dev)
+  initial_error = float(planted.relative_error(params, w_star))
+  summary = {
+      **dataclasses.asdict(config),
+      "workdir": workdir,
+      "run_id": uuid.uuid4().hex[:16],
+      "status": "running",
+      "method": describe(config),
+      "initial_relative_error": initial_error,
+      "relative_error": initial_error,
+      "steps": 0,
+      "steps_to_target": None,
+      "checkpoint_step": None,
+      "wire_bits_per_step_per_device": bits.sent_bits,
+      "predicted_wire_bits_per_step_per_device": predicted_wire_bits(config, params, n_dev),
+      "wire_operand_bits_per_step_per_device": bits.operand_bits,
+      "compressor_wire_bits": (codec.wire_bits((config.dim,)) if codec is not None
+                               else powersgd.wire_bits(params, config.rank, 2)),
+      "float32_wire_bits": float32_bits,
+      "compression_ratio": float32_bits / bits.sent_bits if bits.sent_bits else None,
+      "steps_per_second": None,
+      "compile_seconds": 0.0,
+      "run_seconds": 0.0,
+      "checkpoint_seconds": 0.0,
+      "num_devices": n_dev,
+      "jax_version": jax.__version__,
+      "backend": jax.default_backend(),
+  }
+  history = []
+  if resumed is not None:
+    state, _ = files.reading(workdir, resumed["progress"]["checkpoint_step"],
+                        lambda: checkpoint.restore(ckpt_dir, like=state))
+    history = resumed["history"]
+    summary.update(resumed["progress"])
+    if summary["status"] == "interrupted":
+      summary["status"] = "running"
+    summary.pop("interrupted_at_step", None)
+    summary.pop("signal", None)
+    lines = "".join(json.dumps(r) + "\n" for r in history)
+    files.writing(metrics_path, lambda: files.write_text(metrics_path, lines))
+    logging.info("resuming run %s from its checkpoint at step %d", summary["run_id"],
+                 summary["steps"])
+  else:
+    files.writing(metrics_path, lambda: files.write_text(metrics_path, ""))
+  files.writing(summary_path, lambda: files.write_json(summary_path, summary))
+  if bits.sent_bits:
+    logging.info("wire: %.0f bits per step per device (float32 all-reduce: %.0f, %.1fx fewer)",
+                 bits.sent_bits, float32_bits, summary["compression_ratio"])
+  else:
+    logging.info("wire: no traffic between devices (%d device)", n_dev)
+
+  def save_checkpoint():
+    if summary["checkpoint_step"] == summary["steps"]:
+      return
+    summary["checkpoint_step"] = summary["steps"]
+    progress = {k: summary[k] for k in (
+        "run_id", "status", "relative_error", "steps", "steps_to_target",
+        "checkpoint_step", "compile_seconds", "run_seconds", "checkpoint_seconds")}
+    metadata = {"config": identity, "progress": progress, "history": history}
+    start = time.perf_counter()
+    files.writing(ckpt_dir, lambda: checkpoint.save(ckpt_dir, summary["steps"], state, metadata,
+                                              keep=keep_checkpoints))
+    summary["checkpoint_seconds"] += time.perf_counter() - start
+
+  finished = False
+  try:
+    while (summary["steps"] < config.num_steps and summary["status"] == "running"
+           and stop.signum is None):
+      length = min(config.log_every, config.num_steps - summary["steps"])
+      start = time.perf_counter()
+      program = _cached(cache_key + (length,), lambda: parallel.wrap(
+          config.parallel, parallel.scan_steps(step, length), devices).lower(
+              state, data, batch_key).compile())
+      summary["compile_seconds"] += time.perf_counter() - start
+      start = time.perf_counter()
+      new_state, metrics = program(state, data, batch_key)
+      errors = np.asarray(metrics["relative_error"][0])
+      losses = np.asarray(metrics["loss"]).mean(axis=0)
+      elapsed = time.perf_counter() - start
+      summary["run_seconds"] += elapsed
+      first = summary["steps"]
+      bad = np.nonzero(~(np.isfinite(errors) & np.isfinite(losses)))[0]
+      done = int(bad[0]) if bad.size else length  # the chunk's finite steps
+      summary["steps"] = first + done
+      if bad.size:
+        summary["status"] = "diverged"
+        summary["diverged_at_step"] = first + done + 1
+      else:
+        state = new_state
+      if done:
+        # target 0 means "never stop" (the docs of the field), even at an exact 0 error.
+        hit = np.nonzero((errors[:done] <= config.target_relative_error)
+                         & (config.target_relative_error > 0))[0]
+        if hit.size and summary["steps_to_target"] is None:
+          summary["steps_to_target"] = first + int(hit[0]) + 1
+          if summary["status"] == "running":
+            summary["status"] = "reached_target"
+        summary["relative_error"] = float(errors[done - 1])
+        record = {
+            "step": summary["steps"],
+            "relative_error": float(errors[done - 1]),
+            "loss": float(losses[done - 1]),
+            "steps_per_second": length / elapsed,
+            "run_seconds": summary["run_seconds"],
+            "cumulative_wire_bits_per_device": summary["steps"] * bits.sent_bits,
+            "run_id": summary["run_id"],
+        }
+        history.append(record)
+        files.append_line(metrics_path, json.dumps(record))
+        logging.info("step %d/%d  relative_error %.3e  loss %.3e  %.0f steps/s",
+                     record["step"], config.num_steps, record["relative_error"],
+                     record["loss"], record["steps_per_second"])
+        for callback in callbacks:
+          callback(record)
+      if (summary["status"] != "diverged" and summary["steps"] // checkpoint_every
+          > (summary["checkpoint_step"] or 0) // checkpoint_every):
+        save_checkpoint()
+    if stop.signum is not None and summary["status"] == "running":
+      summary["status"] = "interrupted"
+      summary["interrupted_at_step"] = summary["steps"]
+      summary["signal"] = signal.Signals(stop.signum).name
+    elif summary["status"] == "running":
+      summary["status"] = "finished"
+    if summary["status"] != "diverged":
+      save_checkpoint()
+    finished = True
+  finally:
+    if not finished and summary["status"] == "running":
+      summary["status"] = "failed"
+    if summary["run_seconds"] > 0:
+      summary["steps_per_second"] = summary["steps"] / summary["run_seconds"]
+    try:
+      files.writing(summary_path, lambda: files.write_json(summary_path, summary))
+      _plot(history, summary, workdir)
+    except files.WriteError as e:
+      if finished:
+        raise
+      # The error that stopped the run propagates; this one (a full disk, likely the
+      # same cause) is only logged.
+      logging.error("%s", e)
+  if summary["status"] == "diverged":
+    raise DivergedError(summary["diverged_at_step"], workdir)
+  if summary["status"] == "interrupted":
+    raise Interrupted(stop.signum, summary["steps"], config.num_steps)
+  return summary
+
+
+# Compiled programs (and wire reports) of recent runs, by settings, devices and chunk
+# length: a run again with the same settings in this process (a resume, a benchmark
+# repeat) does not trace and compile them again. Same settings, same programs: the
+# config determines every constant they hold (keys included).
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+_PROGRAMS_KEPT = 8
+
+
+def _cached(key, build: Callable):
+  if key in _PROGRAMS:
+    _PROGRAMS.move_to_end(key)
+  else:
+    _PROGRAMS[key] = build()
+    while len(_PROGRAMS) > _PROGRAMS_KEPT:
+      _PROGRAMS.popitem(last=False)
+  return _PROGRAMS[key]
+
+
+def _plot(history, summary, workdir):
+  """Relative error versus step and versus bits sent, if matplotlib is installed."""
+  if not history:
+    return
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  steps = [0] + [r["step"] for r in history]
+  errors = [summary["initial_relative_error"]] + [r["relative_error"] for r in history]
+  megabits = [0.0] + [r["cumulative_wire_bits_per_device"] / 1e6 for r in history]
+  fig, (by_step, by_bits) = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+  for ax, x, label in ((by_step, steps, "step"),
+                       (by_bits, megabits, "Mbit sent per device (from HLO)")):
+    ax.semilogy(x, errors, "o-", markersize=3)
+    ax.set_xlabel(label)
+    ax.grid(True, which="both", alpha=0.3)
+  by_step.set_ylabel(r"$\|w - w^*\| / \|w^*\|$")
+  fig.suptitle(f"{summary['method']}, {summary['aggregation'] or 'all-reduce'}, "
+               f"{summary['num_devices']} devices, d={summary['dim']}", fontsize=10)
+  fig.tight_layout()
+  path = os.path.join(workdir, "relative_error.png")
+
+  def write():
+    fig.savefig(path + ".tmp", dpi=100, format="png")
+    os.replace(path + ".tmp", path)
+
+  try:
+    files.writing(path, write)
+  finally:
+    plt.close(fig)
