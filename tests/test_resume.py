@@ -36,7 +36,7 @@ EVERY = 4
 
 
 class Crash(Exception):
-  pass
+  """The simulated crash that stops a run at a chosen point (not a test)."""
 
 
 def crash_at(step):
