@@ -5,6 +5,8 @@ Adding a compressor to the suite is one line in ``COMPRESSORS``; a name in
 """
 
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,17 +36,17 @@ COMPRESSORS = [
     ("atomo_svd_2", lambda: compressors.atomo(2, atoms="svd")),
 ]
 
-# Shapes: a matrix (spectral ATOMO takes its matrix path, QSGD's 64-bucket
-# codec has two buckets, the packed words end mid-word) and one element (every count is
-# clamped). The wire-bit formula also gets a long vector, where rounding of word and bucket
-# counts is most varied.
-SHAPES = [(7, 13), (1,)]
+# The wire-bit formula gets a long vector, where rounding of word and bucket counts is
+# most varied, besides the probe's shapes (below).
 WIRE_SHAPES = [(1000,), (7, 13), (1,)]
 
-params_compressors = pytest.mark.parametrize(
-    "make", [factory for _, factory in COMPRESSORS], ids=[name for name, _ in COMPRESSORS])
+NAMES = [name for name, _ in COMPRESSORS]
+FACTORIES = dict(COMPRESSORS)
+# Each codec's tests go to one pytest-xdist worker (``--dist loadgroup``), which compiles
+# its probe (below) once.
+params_compressors = pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.xdist_group(f"contract.{name}")) for name in NAMES])
 shape_ids = lambda s: "x".join(map(str, s))  # noqa: E731
-params_shapes = pytest.mark.parametrize("shape", SHAPES, ids=shape_ids)
 
 # Unit roundoff of float32 and bfloat16: one rounding has relative error at most u.
 U32 = 2.0 ** -24
@@ -95,11 +97,62 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def is_stochastic(c):
-  """Whether the codec's output depends on its key (checked on a generic vector)."""
-  x = generic((200,), seed=9)
-  return not np.array_equal(np.asarray(c(jax.random.key(1), x)),
-                            np.asarray(c(jax.random.key(2), x)))
+# The inputs the probe encodes, by test id: a matrix in bfloat16 and in float32 (spectral
+# ATOMO takes its matrix path, QSGD's 64-bucket codec has two buckets, the packed words end
+# mid-word), one element (every count is clamped), and zeros of both shapes.
+PROBE_INPUTS = {
+    "7x13-bf16": generic((7, 13), dtype=jnp.bfloat16),
+    "7x13-f32": generic((7, 13), seed=2),
+    "1-f32": generic((1,)),
+    "zeros-7x13": jnp.zeros((7, 13), jnp.float32),
+    "zeros-1": jnp.zeros((1,), jnp.float32),
+}
+VMAP_SIZE, VMAP_DIM = 5, 40
+VMAP_INPUTS = generic((VMAP_SIZE, VMAP_DIM), seed=4)
+PROBE_SEED = 7
+PROBE_KEY = jax.random.key(PROBE_SEED)
+
+
+@functools.cache
+def _probe_program(name):
+  """The compiled program :func:`probe` runs for one codec (one compilation per codec)."""
+  c = FACTORIES[name]()
+
+  @jax.jit
+  def run(key):
+    out = {}
+    for input_id, x in PROBE_INPUTS.items():
+      code = c.encode(key, x)
+      out[input_id] = (code, c.decode(code))
+    out["called"] = c(key, PROBE_INPUTS["7x13-f32"])
+    keys = jax.random.split(jax.random.fold_in(key, 1), VMAP_SIZE)
+    codes = jax.vmap(c.encode)(keys, VMAP_INPUTS)
+    singles = jax.lax.map(lambda kx: c(*kx), (keys, VMAP_INPUTS))
+    out["vmap"] = (codes, jax.vmap(c.decode)(codes), singles)
+    return out
+
+  return run
+
+
+@functools.cache
+def probe(name, seed=PROBE_SEED):
+  """What the contract tests read of one codec, computed by one compiled program.
+
+  Compiling every property's call separately (or running them eagerly, which compiles each
+  primitive on its own) was most of this file's time. Returns a dict: for each input id,
+  ``(code, decode(code))`` with ``key = jax.random.key(seed)``; ``"called"``: the codec
+  called on the float32 matrix; and
+  ``"vmap"``: ``(codes, outs, singles)`` of ``VMAP_SIZE`` inputs of ``VMAP_DIM`` encoded
+  under ``jax.vmap`` and, one at a time, under ``jax.lax.map`` (a loop whose body is the
+  unbatched codec).
+  """
+  return jax.device_get(_probe_program(name)(jax.random.key(seed)))
+
+
+def is_stochastic(name):
+  """Whether the codec's output depends on its key (checked on the generic vectors)."""
+  a, b = (probe(name, seed)["vmap"][2] for seed in (PROBE_SEED, PROBE_SEED + 1))
+  return not np.array_equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------
@@ -118,8 +171,8 @@ def test_registry_is_covered():
 
 
 @params_compressors
-def test_entry_is_a_compressor(make):
-  c = make()
+def test_entry_is_a_compressor(name):
+  c = FACTORIES[name]()
   assert isinstance(c, compressors.Compressor)
   assert isinstance(c.unbiased, bool)
   assert c.name in compressors.REGISTRY
@@ -136,27 +189,30 @@ def maps_zeros_to_zeros(c):
 
 
 @params_compressors
-@pytest.mark.parametrize("shape,dtype", [((7, 13), jnp.bfloat16), ((1,), jnp.float32)],
-                         ids=["7x13-bf16", "1-f32"])
-def test_roundtrip_keeps_shape_and_dtype_and_is_a_function_of_the_key(make, shape, dtype):
-  c = make()
-  x = generic(shape, dtype=dtype)
-  code = c.encode(jax.random.key(7), x)
-  out = c.decode(code)
-  assert out.shape == shape
-  assert out.dtype == dtype
+@pytest.mark.parametrize("input_id", ["7x13-bf16", "7x13-f32", "1-f32"])
+def test_roundtrip_keeps_shape_and_dtype(name, input_id):
+  x = PROBE_INPUTS[input_id]
+  code, out = probe(name)[input_id]
+  assert out.shape == x.shape
+  assert out.dtype == x.dtype
   assert np.all(np.isfinite(np.asarray(out, np.float32)))
-  # Same key, same code and output; __call__ is decode(encode(...)).
-  assert_trees_equal(c.encode(jax.random.key(7), x), code)
-  assert_trees_equal(c(jax.random.key(7), x), out)
+  # That the code is a function of the key alone (the same draws in another program) is
+  # test_encode_decode_under_jit's integer-leaf check.
 
 
 @params_compressors
-@params_shapes
-def test_zeros_give_zeros(make, shape):
-  c = make()
-  out = np.asarray(c(jax.random.key(0), jnp.zeros(shape, jnp.float32)))
-  assert out.shape == shape
+def test_call_is_decode_of_encode(name):
+  _, out = probe(name)["7x13-f32"]
+  # Up to the order XLA sums in when it fuses the two differently.
+  assert_close_after_reordering(probe(name)["called"], out, PROBE_INPUTS["7x13-f32"])
+
+
+@params_compressors
+@pytest.mark.parametrize("input_id", ["zeros-7x13", "zeros-1"])
+def test_zeros_give_zeros(name, input_id):
+  c = FACTORIES[name]()
+  out = np.asarray(probe(name)[input_id][1])
+  assert out.shape == PROBE_INPUTS[input_id].shape
   assert np.all(np.isfinite(out))
   if maps_zeros_to_zeros(c):
     assert np.all(out == 0)
@@ -169,8 +225,8 @@ def test_zeros_give_zeros(make, shape):
 
 @params_compressors
 @pytest.mark.parametrize("shape", WIRE_SHAPES, ids=shape_ids)
-def test_wire_bits_equals_payload_bits(make, shape):
-  c = make()
+def test_wire_bits_equals_payload_bits(name, shape):
+  c = FACTORIES[name]()
   # Code shapes are static (fixed-shape payloads), so tracing encode gives exactly the
   # payload a call produces, without compiling it.
   code = jax.eval_shape(c.encode, jax.random.key(0), jax.ShapeDtypeStruct(shape, jnp.float32))
@@ -181,12 +237,12 @@ def test_wire_bits_equals_payload_bits(make, shape):
 
 
 @params_compressors
-def test_encode_decode_under_jit(make):
-  c = make()
-  x = generic((7, 13), seed=2)
-  key = jax.random.key(3)
-  eager_code = c.encode(key, x)
-  jit_code = jax.jit(c.encode)(key, x)
+def test_encode_decode_under_jit(name):
+  # Eager (op by op) against the probe's compiled program.
+  c = FACTORIES[name]()
+  x = PROBE_INPUTS["7x13-f32"]
+  jit_code, jit_out = probe(name)["7x13-f32"]
+  eager_code = c.encode(PROBE_KEY, x)
   assert jax.tree_util.tree_structure(jit_code) == jax.tree_util.tree_structure(eager_code)
   for a, b in zip(jax.tree_util.tree_leaves(jit_code), jax.tree_util.tree_leaves(eager_code)):
     assert a.shape == b.shape and a.dtype == b.dtype
@@ -194,32 +250,25 @@ def test_encode_decode_under_jit(make):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # same random draws
     else:
       assert_close_after_reordering(a, b, x)
-  out = jax.jit(c.decode)(jit_code)
-  assert out.shape == x.shape and out.dtype == x.dtype
-  assert_close_after_reordering(out, c.decode(eager_code), x)
+  assert jit_out.shape == x.shape and jit_out.dtype == x.dtype
+  assert_close_after_reordering(jit_out, c.decode(eager_code), x)
 
 
 @params_compressors
-def test_encode_decode_under_vmap(make):
-  c = make()
-  n = 5
-  xs = generic((n, 40), seed=4)
-  keys = jax.random.split(jax.random.key(5), n)
-  codes = jax.vmap(c.encode)(keys, xs)
-  outs = jax.vmap(c.decode)(codes)
-  assert outs.shape == xs.shape and outs.dtype == xs.dtype
-  single_fn = jax.jit(c.__call__)  # one compilation for the n single calls
-  for i in range(n):
-    single = single_fn(keys[i], xs[i])
-    assert_close_after_reordering(outs[i], single, xs[i])
+def test_encode_decode_under_vmap(name):
+  c = FACTORIES[name]()
+  codes, outs, singles = probe(name)["vmap"]
+  assert outs.shape == VMAP_INPUTS.shape and outs.dtype == VMAP_INPUTS.dtype
+  for i in range(VMAP_SIZE):
+    assert_close_after_reordering(outs[i], singles[i], VMAP_INPUTS[i])
     # Each batch element's code has exactly the unbatched payload size.
     code_i = jax.tree_util.tree_map(lambda leaf: leaf[i], codes)
-    assert compressors.payload_bits(code_i) == c.wire_bits((40,))
+    assert compressors.payload_bits(code_i) == c.wire_bits((VMAP_DIM,))
 
 
 @params_compressors
-def test_unbiased_mean(make):
-  c = make()
+def test_unbiased_mean(name):
+  c = FACTORIES[name]()
   if not c.unbiased:
     pytest.skip("compressor does not claim to be unbiased")
   num_draws, d = 4000, 200
@@ -252,8 +301,8 @@ def _leaf_keys(key, count, num_leaves):
 
 
 @params_compressors
-def test_in_optax_chain_under_jit(make):
-  c = make()
+def test_in_optax_chain_under_jit(name):
+  c = FACTORIES[name]()
   key = jax.random.key(0)
   tx = optax.chain(transforms.compress(c, key=key), optax.sgd(0.1))
   params = {"w": jnp.zeros((50,), jnp.float32), "b": jnp.zeros((3,), jnp.bfloat16)}
@@ -262,22 +311,26 @@ def test_in_optax_chain_under_jit(make):
 
   @jax.jit
   def step(grads, state, params):
+    """The update, and what the documented key schedule says it is, in one program."""
     traces.append(1)  # Python side effect: runs once per trace, not per call
-    return tx.update(grads, state, params)
+    # updates = -0.1 * compressor(leaf key, grad), leaves in tree_flatten order (b, w).
+    leaf_keys = _leaf_keys(key, state[0].count, 2)
+    expected = {leaf: c(k, grads[leaf]) for k, leaf in zip(leaf_keys, sorted(grads))}
+    return tx.update(grads, state, params) + (expected,)
 
   # Mixed dtypes: each leaf keeps its own.
   g1 = {"w": generic((50,), seed=10), "b": generic((3,), seed=11, dtype=jnp.bfloat16)}
   g2 = {"w": generic((50,), seed=12), "b": generic((3,), seed=13, dtype=jnp.bfloat16)}
   state0 = state
-  u1, state = step(g1, state, params)
+  u1, state, e1 = step(g1, state, params)
   state1 = state
-  u2, state = step(g2, state, params)
+  u2, state, e2 = step(g2, state, params)
   # The step count changes the noise: g1 again at count 1 differs from g1 at count 0
   # exactly when the codec is stochastic; the same state gives the same output.
   again = step(g1, state1, params)[0]
   assert_trees_equal(step(g1, state0, params)[0], u1)
   same = np.array_equal(np.asarray(again["w"]), np.asarray(u1["w"]))
-  if is_stochastic(c):
+  if is_stochastic(name):
     assert not same, "step 0 and step 1 drew the same noise"
   else:
     assert same, "a deterministic codec gave different outputs at different steps"
@@ -285,24 +338,21 @@ def test_in_optax_chain_under_jit(make):
   assert len(traces) == 1, "later calls with the same shapes re-traced"
   if hasattr(step, "_cache_size"):  # private jax API (present in 0.10.2): one compilation
     assert step._cache_size() == 1
-  for grads, updates, count in ((g1, u1, 0), (g2, u2, 1)):
+  for grads, updates, expected in ((g1, u1, e1), (g2, u2, e2)):
     assert jax.tree_util.tree_structure(updates) == jax.tree_util.tree_structure(grads)
-    for name in grads:
-      assert updates[name].shape == grads[name].shape
-      assert updates[name].dtype == grads[name].dtype
-    # updates = -0.1 * compressor(leaf key, grad), leaves in tree_flatten order (b, w).
-    leaf_keys = _leaf_keys(key, count, 2)
-    for k, name in zip(leaf_keys, sorted(grads)):
-      eager = np.asarray(c(k, grads[name]), np.float32)
-      # The jitted codec is within reorder_bound of the eager one in float32; a bfloat16
-      # output may then round to the neighbouring bfloat16 value (2 u apart, relative).
-      # optax multiplies by -0.1 in the leaf's dtype (one rounding, u of that dtype), and
-      # 0.1 itself is rounded to float32 (U32).
-      u = UBF16 if grads[name].dtype == jnp.bfloat16 else 0.0
-      bound = 0.1 * (reorder_bound(grads[name].size, grads[name], eager)
-                     + np.abs(eager) * (3 * u + 2 * U32))
+    for leaf in grads:
+      assert updates[leaf].shape == grads[leaf].shape
+      assert updates[leaf].dtype == grads[leaf].dtype
+      codec_out = np.asarray(expected[leaf], np.float32)
+      # The codec inside the transform and beside it may sum in other orders (within
+      # reorder_bound in float32); a bfloat16 output may then round to the neighbouring
+      # bfloat16 value (2 u apart, relative). optax multiplies by -0.1 in the leaf's dtype
+      # (one rounding, u of that dtype), and 0.1 itself is rounded to float32 (U32).
+      u = UBF16 if grads[leaf].dtype == jnp.bfloat16 else 0.0
+      bound = 0.1 * (reorder_bound(grads[leaf].size, grads[leaf], codec_out)
+                     + np.abs(codec_out) * (3 * u + 2 * U32))
       np.testing.assert_array_less(
-          np.abs(np.asarray(updates[name], np.float32) - (-0.1) * eager), bound + 1e-30)
+          np.abs(np.asarray(updates[leaf], np.float32) - (-0.1) * codec_out), bound + 1e-30)
   assert int(state[0].count) == 2
 
 
@@ -311,8 +361,9 @@ def test_qsgd_step_noise_differs():
   tx = transforms.compress(compressors.qsgd(4, norm="l2"), key=jax.random.key(3), axis_name=None)
   grads = {"w": generic((50,), seed=20)}
   state0 = tx.init(grads)
-  u0, state1 = tx.update(grads, state0)
-  u1, _ = tx.update(grads, state1)
+  update = jax.jit(tx.update)  # one program (eagerly, each primitive compiles on its own)
+  u0, state1 = update(grads, state0)
+  u1, _ = update(grads, state1)
   assert not np.array_equal(np.asarray(u0["w"]), np.asarray(u1["w"]))
   # And both are unbiased-style estimates on the QSGD grid, not garbage.
   scale = float(jnp.linalg.norm(grads["w"]))
