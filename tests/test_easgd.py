@@ -7,6 +7,7 @@ compile fast; convergence is on the planted ReLU; the loop's test (resume, bits)
 through ``jrelu.experiment.run`` on 8 pmapped devices.
 """
 
+import functools
 import math
 
 import jax
@@ -32,11 +33,15 @@ DIM, NUM_SAMPLES, BATCH = 12, 96, 8
 KEY = jax.random.key(7)
 
 
+def normal(seed, *shape):
+  """float32 N(0, 1) draws from NumPy (eager jax.random would compile every primitive)."""
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
 def least_squares():
   """``(x, y)``: 96 rows of a noisy linear model in 12 dimensions."""
-  x = jax.random.normal(jax.random.key(0), (NUM_SAMPLES, DIM))
-  w = jax.random.normal(jax.random.key(1), (DIM,))
-  return x, x @ w + 0.1 * jax.random.normal(jax.random.key(2), (NUM_SAMPLES,))
+  x = normal(0, NUM_SAMPLES, DIM)
+  return x, x @ normal(1, DIM) + np.float32(0.1) * normal(2, NUM_SAMPLES)
 
 
 def loss(w, x, y):
@@ -87,11 +92,10 @@ def test_synchronous_exchange_conserves_workers_plus_center_and_contracts(ef):
     comm = easgd.exact_mean()
   step = easgd.make_step(zero_loss, batch_fn, algorithm="easgd", learning_rate=0.1,
                          communicate=comm)
-  workers = jax.random.normal(jax.random.key(2), (p, DIM))
-  center = jax.random.normal(jax.random.key(3), (DIM,))
+  workers, center = normal(2, p, DIM), normal(3, DIM)
   state = stack(easgd.init_state(center, algorithm="easgd", communicate=comm), p)
   state = state._replace(params=workers,
-                         opt_state=state.opt_state._replace(center=jnp.stack([center] * p)))
+                         opt_state=state.opt_state._replace(center=np.stack([center] * p)))
   final, _ = vmapped(step, p, rounds)(state, least_squares(), KEY)
   x, c = np.asarray(final.params, np.float64), np.asarray(final.opt_state.center, np.float64)
   np.testing.assert_array_equal(c, c[:1].repeat(p, 0))   # one center on every device
@@ -111,14 +115,17 @@ def test_synchronous_exchange_conserves_workers_plus_center_and_contracts(ef):
     assert np.abs(x.sum(0) + p * c[0] - (workers.sum(0) + p * center)).max() > 0.1
 
 
-_grad = jax.jit(jax.grad(loss))
-_batch = jax.jit(batch_fn, static_argnums=(3,))
+@functools.partial(jax.jit, static_argnums=(3,))
+def _gradients(points, step, data, num_workers):
+  key = jax.random.fold_in(KEY, step)
+  return jax.vmap(lambda w, i: jax.grad(loss)(w, *batch_fn(key, data, i, num_workers)))(
+      points, jnp.arange(num_workers))
 
 
-def gradient(w, worker, step, num_workers, data):
-  """Worker ``worker``'s gradient at ``w`` on its batch of ``step`` (as the steps draw it)."""
-  batch = _batch(jax.random.fold_in(KEY, step), data, worker, num_workers)
-  return np.asarray(_grad(jnp.asarray(w, jnp.float32), *batch), np.float64)
+def gradients(points, step, data):
+  """Each worker's gradient at its point (row i: worker i) on its batch of ``step``."""
+  points = np.asarray(points, np.float32)
+  return np.asarray(_gradients(points, step, data, len(points)), np.float64)
 
 
 def test_downpour_tau_1_and_the_easgd_consensus_limit_are_minibatch_sgd():
@@ -134,7 +141,7 @@ def test_downpour_tau_1_and_the_easgd_consensus_limit_are_minibatch_sgd():
   comm = easgd.exact_mean()
   sgd = [w0]
   for t in range(steps):
-    sgd.append(sgd[-1] - eta * np.mean([gradient(sgd[-1], i, t, p, data) for i in range(p)], 0))
+    sgd.append(sgd[-1] - eta * gradients(np.stack([sgd[-1]] * p), t, data).mean(0))
   down = easgd.make_step(loss, batch_fn, algorithm="downpour", learning_rate=eta / p,
                          communicate=comm)
   state, _ = vmapped(down, p, steps)(
@@ -169,15 +176,14 @@ def reference_run(algorithm, exchange, tau, num_steps, p, eta, alpha, delta, dat
   c = np.asarray(w0, np.float64)
   v = [np.zeros_like(c) for _ in range(p)]
   pushes = [np.zeros_like(c) for _ in range(p)]
-  grad = lambda w, i, t: gradient(w, i, t, p, data)
   for t in range(num_steps):
     sync = t % tau == 0
     if algorithm == "downpour":
+      g = gradients(x, t, data)
       for i in range(p):
-        g = grad(x[i], i, t)
-        pushes[i] = pushes[i] - eta * g
+        pushes[i] = pushes[i] - eta * g[i]
         if not sync:
-          x[i] = x[i] - eta * g
+          x[i] = x[i] - eta * g[i]
       if sync:
         for i in range(p):
           c = c + pushes[i]
@@ -193,12 +199,11 @@ def reference_run(algorithm, exchange, tau, num_steps, p, eta, alpha, delta, dat
         seen = c if exchange == "round_robin" else start
         diffs[i] = alpha * (x[i] - seen)
         c = c + diffs[i]
+    v = [delta * v[i] for i in range(p)]
+    g = gradients([x[i] + v[i] for i in range(p)], t, data)
     for i in range(p):
-      v[i] = delta * v[i]
-      w = x[i] + v[i]
-      g = grad(w, i, t)
-      w = w - eta * g
-      v[i] = v[i] - eta * g
+      w = x[i] + v[i] - eta * g[i]
+      v[i] = v[i] - eta * g[i]
       x[i] = w - diffs[i]
   return np.stack(x), c
 
@@ -209,7 +214,7 @@ def reference_run(algorithm, exchange, tau, num_steps, p, eta, alpha, delta, dat
 def test_matches_the_authors_updates(algorithm, exchange, tau):
   p, steps, eta, alpha, delta = 4, 8, 0.1, 0.2, 0.5
   data = least_squares()
-  w0 = jax.random.normal(jax.random.key(5), (DIM,))
+  w0 = normal(5, DIM)
   comm = easgd.exact_mean() if exchange == "synchronous" else None
   step = easgd.make_step(loss, batch_fn, algorithm=algorithm, learning_rate=eta, tau=tau,
                          alpha=alpha, momentum=delta, communicate=comm, exchange=exchange)
