@@ -3,8 +3,8 @@
 Zhang, Choromanska, LeCun, "Deep learning with Elastic Averaging SGD" (arXiv 1412.6651).
 The algorithm tests run N simulated workers in one program (``jrelu.parallel.vmapped``,
 which computes what pmap computes) on a small least-squares problem, whose programs
-compile fast; convergence is on the planted ReLU; the loop's test (resume, bits) goes
-through ``jrelu.experiment.run`` on 8 pmapped devices.
+compile fast. On the planted ReLU, one test trains compressed EAMSGD through
+``jrelu.experiment.run`` on 8 pmapped devices: convergence, resume, bits per exchange.
 """
 
 import functools
@@ -13,7 +13,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from jrelu import checkpoint
@@ -21,8 +20,6 @@ from jrelu import compressors
 from jrelu import easgd
 from jrelu import experiment
 from jrelu import parallel
-from jrelu import planted
-from jrelu import sampling
 from jrelu import transforms
 from jrelu import wire
 
