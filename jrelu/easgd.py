@@ -194,6 +194,11 @@ def init_state(params, *, algorithm: str, communicate: optax.GradientTransformat
   Raises:
     ValueError: for an unknown ``algorithm`` or ``exchange``, or a ``communicate`` that
       does not fit the exchange.
+
+  Example:
+    >>> state = init_state(jnp.zeros(1000), algorithm="eamsgd", communicate=exact_mean())
+    >>> state.opt_state.velocity.shape
+    (1000,)
   """
   _check_setup(algorithm, exchange, communicate)
   zeros = lambda tree: _tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), tree)
