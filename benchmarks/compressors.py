@@ -1,7 +1,7 @@
 r"""Every compressor on equal terms: bits on the wire and error reached on the planted ReLU.
 
-Two sections, both on the default planted problem of ``python -m jrelu.train`` (d = 1000,
-n = 4000, global batch 1024):
+Three sections, all on the default planted problem of ``python -m jrelu.train`` (d =
+1000, n = 4000, global batch 1024):
 
 * ``wire``: bits one device sends per step, read from the compiled training step's HLO
   (``jrelu.wire``), for every compressor in ``METHODS`` and every aggregation it supports,
@@ -9,12 +9,17 @@ n = 4000, global batch 1024):
 * ``convergence``: each row of ``METHODS`` trained with its flags on 8 devices until it
   reaches its threshold (1e-4; 1e-2 for unscaled majority-vote signSGD and Signum): steps,
   bits per step and bits to the threshold.
+* ``elastic``: the rows of ``ELASTIC_METHODS`` the same way: EASGD, EAMSGD and DOWNPOUR
+  (``jrelu.easgd``), uncompressed and with compressed exchanges, every ``tau`` steps,
+  next to float32 and QSGD SGD: bits to relative error 1e-4.
 
     python -m benchmarks.compressors --outdir=runs/compressors
     python -m benchmarks.compressors --sections=wire --quick
+    python -m benchmarks.compressors --sections=elastic
 
-Ends by printing one JSON line; writes ``OUTDIR/summary.md`` (the README's tables) and
-``OUTDIR/bits_to_threshold.png``. Runs train through ``jrelu.experiment.run``.
+Ends by printing one JSON line; writes ``OUTDIR/summary.md`` (the README's tables),
+``OUTDIR/bits_to_threshold.png`` and ``OUTDIR/elastic_bits_to_threshold.png``. Runs train
+through ``jrelu.experiment.run``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import jax
 
 from benchmarks import common
 from jrelu import aggregation
+from jrelu import easgd
 from jrelu import experiment
 from jrelu import parallel
 from jrelu import planted
@@ -38,7 +44,7 @@ from jrelu import sampling
 from jrelu import transforms
 from jrelu import wire
 
-SECTIONS = ("wire", "convergence")
+SECTIONS = ("wire", "convergence", "elastic")
 
 PROG = "benchmarks.compressors"
 
@@ -100,6 +106,42 @@ METHODS = [
                                   learning_rate=0.3), 1e-4),
     ("ATOMO budget 32", dict(compressor="atomo", budget=32, learning_rate=0.1), 1e-4),
     ("PowerSGD rank 1", dict(compressor="powersgd", rank=1, learning_rate=0.5), 1e-4),
+]
+
+# EASGD / EAMSGD / DOWNPOUR rows (the elastic section), their step sizes tuned by hand on
+# a few values, each to 1e-4 within 3000 steps. Every worker takes its own 128-row batches
+# (1024 / 8), so local steps tolerate a smaller step size than SGD's 1024-row mean: EASGD
+# diverged at 0.5 (tau = 1, 4, 16) and did not converge at 0.3 (tau = 4); 0.1 took twice
+# the steps of 0.2, which every EASGD row uses. EAMSGD: momentum 0.9 with 0.02 (817
+# steps at tau = 16; 0.5 with 0.1: 849). DOWNPOUR's center adds the 8 pushes, so its local
+# step is 0.2 / 8; at tau = 16 that diverged, and 0.005 was still at 5e-4 after 3000
+# steps. With the biased 1-bit codec (scaled sign + EF) EASGD was still at 4e-3 after 3000
+# steps at tau = 16 (the center receives the differences too slowly); tau = 4 is shown.
+_F32 = dict(compressor="none", aggregation="psum")
+ELASTIC_METHODS = [
+    ("float32 SGD", dict(compressor="none", aggregation="psum", learning_rate=0.5), 1e-4),
+    ("QSGD s=4 SGD", dict(compressor="qsgd", num_levels=4, learning_rate=0.5), 1e-4),
+    ("EASGD tau=1, float32", dict(algorithm="easgd", tau=1, **_F32, learning_rate=0.2), 1e-4),
+    ("EASGD tau=16, float32", dict(algorithm="easgd", tau=16, **_F32, learning_rate=0.2),
+     1e-4),
+    ("EASGD tau=64, float32", dict(algorithm="easgd", tau=64, **_F32, learning_rate=0.2),
+     1e-4),
+    ("EASGD tau=16, QSGD s=4", dict(algorithm="easgd", tau=16, compressor="qsgd",
+                                    num_levels=4, learning_rate=0.2), 1e-4),
+    ("EASGD tau=64, QSGD s=4", dict(algorithm="easgd", tau=64, compressor="qsgd",
+                                    num_levels=4, learning_rate=0.2), 1e-4),
+    ("EASGD tau=4, scaled sign + EF", dict(algorithm="easgd", tau=4, compressor="sign",
+                                           scaled_sign=True, error_feedback=True,
+                                           learning_rate=0.2), 1e-4),
+    ("EASGD tau=16, round-robin, float32", dict(algorithm="easgd", tau=16,
+                                                exchange="round_robin", compressor="none",
+                                                learning_rate=0.2), 1e-4),
+    ("EAMSGD tau=16, float32", dict(algorithm="eamsgd", tau=16, momentum=0.9, **_F32,
+                                    learning_rate=0.02), 1e-4),
+    ("DOWNPOUR tau=4, float32", dict(algorithm="downpour", tau=4, **_F32,
+                                     learning_rate=0.025), 1e-4),
+    ("DOWNPOUR tau=4, QSGD s=4", dict(algorithm="downpour", tau=4, compressor="qsgd",
+                                      num_levels=4, learning_rate=0.025), 1e-4),
 ]
 
 # One codec per compressor for the wire table, with the hyper-parameters of METHODS.
@@ -198,19 +240,25 @@ def wire_section(device_counts, seed: int = 0):
   return rows
 
 
-def convergence_section(outdir: str, seed: int, devices):
-  """Trains every METHODS row to its threshold with ``jrelu.experiment.run``.
+def convergence_section(outdir: str, seed: int, devices, methods=None):
+  """Trains every METHODS row (or every row of ``methods``) to its threshold.
+
+  Each row trains with ``jrelu.experiment.run``. Bits to the threshold are those of the
+  exchanges made by then: one per step for SGD, ``ceil(steps / tau)`` for EASGD,
+  EAMSGD and DOWNPOUR, each the bits read from the compiled step.
 
   Args:
     outdir: runs go to :func:`run_dir`.
     seed: the Config's seed.
     devices: the devices to train on.
+    methods: rows ``(name, Config overrides, threshold)``, one named "float32 SGD";
+      default :data:`METHODS`.
 
   Returns:
     One result dict per row (steps and bits to the threshold, ratio to float32 SGD).
   """
   rows = []
-  for name, overrides, threshold in METHODS:
+  for name, overrides, threshold in METHODS if methods is None else methods:
     workdir = run_dir(outdir, name)
     config = experiment.Config(**overrides, num_steps=6000, target_relative_error=threshold,
                                log_every=50, seed=seed)
@@ -224,13 +272,15 @@ def convergence_section(outdir: str, seed: int, devices):
                  "diverged_at_step": e.step}
     steps = summary["steps_to_target"]
     bits = summary["wire_bits_per_step_per_device"]
+    sent = (easgd.exchanges(steps, experiment.steps_per_exchange(config))
+            * summary["wire_bits_per_exchange_per_device"] if steps and bits else None)
     rows.append({
         "method": name, "flags": flags_of(overrides), "threshold": threshold,
         "status": summary["status"], "steps_to_threshold": steps,
         "relative_error": summary["relative_error"],
         "wire_bits_per_step_per_device": bits,
         "compression_ratio": summary["compression_ratio"],
-        "bits_to_threshold_per_device": steps * bits if steps and bits else None,
+        "bits_to_threshold_per_device": sent,
         "wall_seconds": time.perf_counter() - start,
         "metrics_path": os.path.join(workdir, "metrics.jsonl"),
     })
@@ -243,13 +293,15 @@ def convergence_section(outdir: str, seed: int, devices):
   return rows
 
 
-def markdown(wire_rows, convergence_rows, device_counts) -> str:
+def markdown(wire_rows, convergence_rows, device_counts, elastic_rows=()) -> str:
   """The README tables of ``OUTDIR/summary.md``.
 
   Args:
     wire_rows: :func:`wire_section`'s rows (may be empty).
     convergence_rows: :func:`convergence_section`'s rows (may be empty).
     device_counts: the N of the wire table's columns.
+    elastic_rows: :func:`convergence_section`'s rows of ``ELASTIC_METHODS`` (may be
+      empty).
 
   Returns:
     Markdown text.
@@ -267,10 +319,14 @@ def markdown(wire_rows, convergence_rows, device_counts) -> str:
       lines.append(f"| {r['codec']} | {r['aggregation']} | {cells} | "
                    f"{r[f'ratio_{device_counts[-1]}_devices']:.1f}x |")
     lines.append("")
-  if convergence_rows:
+  for rows in (convergence_rows, elastic_rows):
+    if not rows:
+      continue
+    if rows is elastic_rows and convergence_rows:
+      lines.append("")
     lines += ["| method | flags | threshold | steps | bits/step/device | Mbit to threshold | "
               "fewer bits than float32 SGD |", "|---|---|---:|---:|---:|---:|---:|"]
-    for r in convergence_rows:
+    for r in rows:
       mbit = (f"{r['bits_to_threshold_per_device'] / 1e6:.2f}"
               if r["bits_to_threshold_per_device"] else "-")
       fewer = (f"{r['fewer_bits_than_float32_sgd']:.1f}x"
@@ -282,32 +338,34 @@ def markdown(wire_rows, convergence_rows, device_counts) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot(convergence_rows, outdir):
+def plot(convergence_rows, outdir, filename="bits_to_threshold.png"):
   """Relative error against Mbit sent per device, one line per METHODS row.
 
-  Writes ``OUTDIR/bits_to_threshold.png``; nothing when matplotlib is not installed.
+  Writes ``OUTDIR/FILENAME``; nothing when matplotlib is not installed.
 
   Args:
     convergence_rows: :func:`convergence_section`'s rows.
     outdir: the output directory.
+    filename: the plot's file name.
   """
   plt = common.pyplot()
   if plt is None:
     return
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for r in convergence_rows:
+  for i, r in enumerate(convergence_rows):
     if not os.path.exists(r["metrics_path"]):
       continue
     with open(r["metrics_path"]) as f:
       records = [json.loads(line) for line in f]
     ax.loglog([x["cumulative_wire_bits_per_device"] / 1e6 for x in records],
-              [x["relative_error"] for x in records], label=r["method"])
+              [x["relative_error"] for x in records], label=r["method"],
+              linestyle=("-", "--", ":")[i // 10 % 3])   # the colors repeat after 10
   ax.set_xlabel("Mbit sent per device (from HLO)")
   ax.set_ylabel(r"$\|w - w^*\| / \|w^*\|$")
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(os.path.join(outdir, "bits_to_threshold.png"), dpi=110)
+  fig.savefig(os.path.join(outdir, filename), dpi=110)
   plt.close(fig)
 
 
@@ -324,11 +382,16 @@ def main(argv):
   if "convergence" in fv.sections and not fv.quick:
     convergence_rows = convergence_section(fv.outdir, fv.seed, devices)
     plot(convergence_rows, fv.outdir)
+  elastic_rows = []
+  if "elastic" in fv.sections and not fv.quick:
+    elastic_rows = convergence_section(os.path.join(fv.outdir, "elastic"), fv.seed, devices,
+                                       ELASTIC_METHODS)
+    plot(elastic_rows, fv.outdir, "elastic_bits_to_threshold.png")
   with open(os.path.join(fv.outdir, "summary.md"), "w") as f:
-    f.write(markdown(wire_rows, convergence_rows, device_counts))
+    f.write(markdown(wire_rows, convergence_rows, device_counts, elastic_rows))
   common.print_json_line({
       "benchmark": "compressors", **common.machine_info(),
-      "wire": wire_rows, "convergence": convergence_rows,
+      "wire": wire_rows, "convergence": convergence_rows, "elastic": elastic_rows,
       "wall_seconds": time.perf_counter() - start,
   })
 

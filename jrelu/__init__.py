@@ -7,6 +7,7 @@ SGD" (arXiv 1901.06587). Public names only; the logic lives in the submodules.
 from jrelu import aggregation
 from jrelu import checkpoint
 from jrelu import compressors
+from jrelu import easgd
 from jrelu import experiment
 from jrelu import network
 from jrelu import parallel
@@ -20,5 +21,5 @@ from jrelu.transforms import WireCostWarning, qsgd, signum
 __version__ = "0.1.0"
 
 __all__ = ["CompressState", "ErrorFeedbackState", "WireCostWarning", "aggregation", "checkpoint",
-           "compress", "compressors", "error_feedback", "experiment", "network", "parallel",
-           "planted", "powersgd", "qsgd", "sampling", "signum", "wire"]
+           "compress", "compressors", "easgd", "error_feedback", "experiment", "network",
+           "parallel", "planted", "powersgd", "qsgd", "sampling", "signum", "wire"]

@@ -10,10 +10,19 @@ field of ``experiment.Config`` is a flag of the same name (``--help`` lists them
     python -m jrelu.train --compressor=top_k --fraction=0.1 --error_feedback
     python -m jrelu.train --compressor=sign --aggregation=majority_vote \
         --learning_rate=1e-3 --lr_schedule=exponential --decay_steps=100
+    python -m jrelu.train --algorithm=easgd --tau=16 --learning_rate=0.2
+    python -m jrelu.train --algorithm=eamsgd --tau=4 --momentum=0.9 --compressor=none
+    python -m jrelu.train --algorithm=downpour --tau=4 --learning_rate=0.025
 
-A flag that the chosen compressor or schedule does not use is an error (``--num_levels``
-with ``--compressor=sign``, ``--decay_rate`` with ``--lr_schedule=constant``,
-``--aggregation`` with ``--compressor=powersgd``), never silently ignored.
+``--algorithm=easgd|eamsgd|downpour`` (Zhang, Choromanska, LeCun, arXiv 1412.6651; see
+``jrelu.easgd``) keeps each device's own parameters and exchanges with a center every
+``--tau`` steps, with moving rate ``--alpha`` (default 0.9 / N) and, for EAMSGD,
+Nesterov ``--momentum`` (default 0.99); the compressor applies to what is exchanged.
+
+A flag that the chosen compressor, schedule or algorithm does not use is an error
+(``--num_levels`` with ``--compressor=sign``, ``--decay_rate`` with
+``--lr_schedule=constant``, ``--aggregation`` with ``--compressor=powersgd``, ``--tau``
+with ``--algorithm=sgd``), never silently ignored.
 
 Writes ``WORKDIR/metrics.jsonl``, ``WORKDIR/summary.json``, ``WORKDIR/checkpoints/`` and,
 when matplotlib is installed, ``WORKDIR/relative_error.png``. Running again with the same

@@ -25,6 +25,14 @@ def test_resolve_fills_only_the_defaults_the_method_uses():
   explicit = experiment.Config(num_levels=8, aggregation="psum")
   assert experiment.resolve(explicit).num_levels == 8
   assert experiment.resolve(explicit).aggregation == "psum"
+  assert (config.momentum, config.tau, config.alpha, config.exchange) == (0.0, None, None, None)
+  eamsgd = experiment.resolve(experiment.Config(algorithm="eamsgd"), num_devices=6)
+  assert (eamsgd.momentum, eamsgd.tau, eamsgd.alpha, eamsgd.exchange) == (
+      0.99, 1, 0.15, "synchronous")
+  assert experiment.resolve(experiment.Config(algorithm="downpour"), 6).alpha is None
+  robin = experiment.resolve(experiment.Config(algorithm="easgd", exchange="round_robin",
+                                               compressor="none"))
+  assert (robin.aggregation, robin.alpha) == (None, None)
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -41,6 +49,13 @@ def test_resolve_fills_only_the_defaults_the_method_uses():
     (dict(batch_size=10, num_samples=5), "batch_size"),
     (dict(seed=-1), "seed"),
     (dict(dim=True), "dim"),
+    (dict(tau=2), "tau"),
+    (dict(algorithm="downpour", alpha=0.1), "alpha"),
+    (dict(algorithm="downpour", momentum=0.9), "momentum"),
+    (dict(algorithm="eamsgd", alpha=1.5), "alpha"),
+    (dict(algorithm="easgd", exchange="round_robin"), "compressor"),
+    (dict(algorithm="easgd", exchange="round_robin", compressor="none",
+          aggregation="psum"), "aggregation"),
 ])
 def test_a_setting_the_method_does_not_use_or_a_bad_value_is_an_error(overrides, field):
   with pytest.raises(experiment.ConfigError) as info:
@@ -61,6 +76,8 @@ def test_the_transform_follows_the_compressor():
   momentum = experiment.make_tx(experiment.Config(momentum=0.9), key, 2)
   assert isinstance(momentum.init(params)[0], optax.EmaState)
   assert experiment.make_codec(experiment.Config(compressor="atomo", dim=1000), 8).budget == 15
+  with pytest.raises(experiment.ConfigError, match="algorithm='easgd' is no optax"):
+    experiment.make_tx(experiment.Config(algorithm="easgd"), key, 2)
 
 
 def test_last_chunk_may_be_shorter_and_target_zero_never_stops(tmp_path):

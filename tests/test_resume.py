@@ -123,6 +123,18 @@ def test_other_settings_are_refused_naming_them_and_fresh_deletes(tmp_path, capl
   assert checkpoint.latest_step(str(tmp_path / "checkpoints")) == 12
 
 
+def test_a_checkpoint_from_before_a_setting_existed_has_it_at_its_default(tmp_path):
+  identity = experiment.files.identity(experiment.resolve(experiment.Config(**SMALL)),
+                                       DEVICES)
+  saved = {k: v for k, v in identity.items()
+           if k not in ("algorithm", "tau", "alpha", "exchange")}   # added with EASGD
+  checkpoint.save(str(tmp_path / "checkpoints"), 4, [np.zeros(2)],
+                  {"config": saved, "progress": {}, "history": []})
+  assert experiment.files.prepare(str(tmp_path), identity, fresh=False)["config"] == saved
+  with pytest.raises(experiment.ConfigError, match=r"algorithm='sgd' \(now 'easgd'\)"):
+    experiment.files.prepare(str(tmp_path), dict(identity, algorithm="easgd"), fresh=False)
+
+
 def test_a_second_run_in_a_locked_workdir_is_refused(tmp_path):
   with open(tmp_path / ".lock", "w") as held:
     held.write("12345")

@@ -110,6 +110,19 @@ BAD_INPUTS = [
     (["--aggregation=majority_vote"], "--aggregation"),
     (["--compressor=top_k", "--aggregation=integer_psum"], "--aggregation"),
     (["--momentum=1"], "--momentum=1"),
+    # EASGD, EAMSGD, DOWNPOUR: their settings with the algorithms that use them.
+    (["--tau=4"], "--tau=4 has no effect with --algorithm='sgd' (it applies to "
+     "--algorithm='easgd' or 'eamsgd' or 'downpour')"),
+    (["--algorithm=downpour", "--alpha=0.1"],
+     "--alpha=0.1 has no effect with --algorithm='downpour'"),
+    (["--algorithm=easgd", "--momentum=0.9"],
+     "--momentum=0.9 has no effect with --algorithm='easgd' (it applies to "
+     "--algorithm='sgd' or 'eamsgd')"),
+    (["--algorithm=easgd", "--exchange=round_robin"],
+     "--compressor='qsgd' does not work with --exchange='round_robin'"),
+    (["--algorithm=eamsgd", "--tau=0"], "--tau=0"),
+    (["--algorithm=easgd", "--alpha=0"], "--alpha=0"),
+    (["--algorithm=adam"], "--algorithm"),
     (["--lr_schedule=cosine"], "--lr_schedule"),
     # Bounded by what the code represents, the reason in the line.
     (["--seed=4294967296"], "--seed=4294967296: must be an integer in [0, 4294967295] "

@@ -17,9 +17,13 @@ ignored. :func:`resolve` fills the defaults in, and the summary records the reso
 values.
 
 This module is the only place that knows which compressor needs which transform:
-:func:`make_tx` builds ``jrelu.compress`` or ``jrelu.error_feedback`` around a codec of
-``jrelu.compressors``, or ``jrelu.powersgd.powersgd``, whose state and collectives are its
-own.
+:func:`make_communication` builds ``jrelu.compress`` or ``jrelu.error_feedback`` around a
+codec of ``jrelu.compressors``, or ``jrelu.powersgd.powersgd``, whose state and
+collectives are its own; :func:`make_tx` puts it between SGD's momentum and step. It
+also knows which algorithm needs which step (:func:`make_step`): ``algorithm="sgd"``
+(the default) averages compressed gradients every step; ``"easgd"``, ``"eamsgd"`` and
+``"downpour"`` (``jrelu.easgd``) keep each device's own parameters and send compressed
+elastic differences (or pushed updates) to a center every ``tau`` steps.
 
 :func:`run` writes into ``workdir``: ``metrics.jsonl`` (one JSON object per logged chunk),
 ``summary.json`` (the resolved config, wire bits read from the compiled program, status,
@@ -33,19 +37,21 @@ Modules: ``config`` (:class:`Config`, its rules, the transform it builds), ``loo
 estimate that refuses a config that cannot fit). The public names are re-exported here.
 """
 
-from jrelu.experiment.config import COMPRESSOR_FIELDS, COMPRESSORS, Config, ConfigError
-from jrelu.experiment.config import DEFAULTS, MAX_SEED, NORMS, POWERSGD, SCHEDULE_FIELDS
-from jrelu.experiment.config import SCHEDULES, describe, make_codec, make_schedule, make_tx
-from jrelu.experiment.config import predicted_wire_bits, resolve
+from jrelu.experiment.config import ALGORITHM_FIELDS, ALGORITHMS, COMPRESSOR_FIELDS
+from jrelu.experiment.config import COMPRESSORS, Config, ConfigError, DEFAULTS, MAX_SEED, NORMS, POWERSGD
+from jrelu.experiment.config import SCHEDULE_FIELDS, SCHEDULES, describe, make_codec
+from jrelu.experiment.config import make_communication, make_schedule, make_step, make_tx
+from jrelu.experiment.config import predicted_wire_bits, resolve, steps_per_exchange
 from jrelu.experiment.files import CHECKPOINT_DIR, RUN_FILES, WriteError, append_line
 from jrelu.experiment.files import check_workdir, json_safe, write_json
 from jrelu.experiment.loop import TIMING_FIELDS, DivergedError, Interrupted, run
 from jrelu.experiment.memory import available_memory_bytes, check_memory
 from jrelu.experiment.memory import estimate_memory_bytes
 
-__all__ = ["CHECKPOINT_DIR", "COMPRESSORS", "COMPRESSOR_FIELDS", "Config", "ConfigError",
-           "DEFAULTS", "DivergedError", "Interrupted", "MAX_SEED", "NORMS", "POWERSGD",
+__all__ = ["ALGORITHMS", "ALGORITHM_FIELDS", "CHECKPOINT_DIR", "COMPRESSORS",
+           "COMPRESSOR_FIELDS", "Config", "ConfigError", "DEFAULTS", "DivergedError", "Interrupted", "MAX_SEED", "NORMS", "POWERSGD",
            "RUN_FILES", "SCHEDULES", "SCHEDULE_FIELDS", "TIMING_FIELDS", "WriteError",
            "append_line", "available_memory_bytes", "check_memory", "check_workdir", "describe",
-           "estimate_memory_bytes", "json_safe", "make_codec", "make_schedule", "make_tx",
-           "predicted_wire_bits", "resolve", "run", "write_json"]
+           "estimate_memory_bytes", "json_safe", "make_codec", "make_communication",
+           "make_schedule", "make_step", "make_tx", "predicted_wire_bits", "resolve", "run",
+           "steps_per_exchange", "write_json"]

@@ -7,7 +7,10 @@ methods use default to None ("the method's default"); giving one to a method tha
 use it is a :class:`ConfigError`. :func:`resolve` fills the defaults in.
 
 This module is the only place that knows which compressor needs which transform
-(:func:`make_codec`, :func:`make_tx`).
+(:func:`make_codec`, :func:`make_tx`, :func:`make_communication`) and which algorithm
+needs which step (:func:`make_step`: data-parallel SGD, or ``jrelu.easgd``'s EASGD,
+EAMSGD and DOWNPOUR, whose workers keep their own parameters and exchange with a center
+every ``tau`` steps).
 """
 
 from __future__ import annotations
@@ -21,15 +24,19 @@ import optax
 from jrelu import _checks
 from jrelu import aggregation
 from jrelu import compressors
+from jrelu import easgd
 from jrelu import parallel
 from jrelu import planted
 from jrelu import powersgd
+from jrelu import sampling
 from jrelu import transforms
 
 POWERSGD = "powersgd"
 COMPRESSORS = tuple(sorted(compressors.REGISTRY)) + (POWERSGD,)
 SCHEDULES = ("constant", "exponential", "inverse_sqrt")
 NORMS = ("l2", "max")
+SGD = "sgd"
+ALGORITHMS = (SGD,) + easgd.ALGORITHMS
 
 # Settings that only some compressors use, and which.
 COMPRESSOR_FIELDS = {
@@ -41,9 +48,14 @@ COMPRESSOR_FIELDS = {
 # Settings that only some step-size schedules use, and which.
 SCHEDULE_FIELDS = {"decay_steps": ("exponential", "inverse_sqrt"),
                    "decay_rate": ("exponential",)}
-# The defaults that None stands for, where a method uses the setting.
+# Settings that only some algorithms use, and which.
+ALGORITHM_FIELDS = {"tau": easgd.ALGORITHMS, "exchange": easgd.ALGORITHMS,
+                    "alpha": ("easgd", "eamsgd"), "momentum": (SGD, "eamsgd")}
+# The defaults that None stands for, where a method uses the setting. A dict maps the
+# algorithm to its default; ``alpha`` (0.9 / N) needs the device count (``resolve``).
 DEFAULTS = {"num_levels": 4, "norm": "max", "rank": 1, "decay_steps": 100,
-            "decay_rate": 0.5, "aggregation": "two_phase"}
+            "decay_rate": 0.5, "aggregation": "two_phase", "tau": 1,
+            "exchange": "synchronous", "momentum": {SGD: 0.0, "eamsgd": 0.99}}
 
 
 def _field(default, help_text: str, choices: Iterable[str] | None = None):
@@ -81,8 +93,30 @@ class Config:
       "when there is none.")
   parallel: str = _field("pmap", "SPMD wrapper of the per-device step.", parallel.WRAPPERS)
   # Optimization.
+  algorithm: str = _field(
+      SGD, "sgd: data-parallel SGD (every step, the devices' compressed gradients are "
+      "averaged). easgd / eamsgd: elastic averaging SGD (Zhang, Choromanska, LeCun, arXiv "
+      "1412.6651), without / with Nesterov momentum: each device is a worker with its own "
+      "parameters, and every tau steps the compressed elastic differences move the workers "
+      "and a center variable (the model reported). downpour: every tau steps each worker "
+      "pushes its accumulated update to the center (the sum is applied) and pulls the "
+      "center. These three draw each worker's batch from the whole data set, with "
+      "replacement.", ALGORITHMS)
+  tau: int | None = _field(
+      None, "easgd / eamsgd / downpour: communication period, steps between exchanges "
+      "with the center (default 1).")
+  alpha: float | None = _field(
+      None, "easgd / eamsgd: moving rate in (0, 1] of the elastic force (default 0.9 / N, "
+      "the authors' beta = N alpha = 0.9).")
+  exchange: str | None = _field(
+      None, "easgd / eamsgd / downpour: 'synchronous' (every worker meets the center at "
+      "once; default) or 'round_robin' (the asynchronous variant, emulated "
+      "deterministically: the workers meet the center one after another, in device "
+      "order; float32 only, so compressor='none').", easgd.EXCHANGES)
   num_steps: int = _field(3000, "Maximum SGD steps.")
-  learning_rate: float = _field(0.5, "SGD step size (> 0).")
+  learning_rate: float = _field(
+      0.5, "SGD step size (> 0); easgd / eamsgd / downpour: each worker's local step size "
+      "(downpour's center adds the N workers' pushes: divide an SGD step size by N).")
   lr_schedule: str = _field(
       "constant", "Step size schedule: constant, exponential (x decay_rate every "
       "decay_steps) or inverse_sqrt (lr / sqrt(1 + step / decay_steps)).", SCHEDULES)
@@ -90,11 +124,14 @@ class Config:
       None, "exponential / inverse_sqrt: schedule time scale in steps (default 100).")
   decay_rate: float | None = _field(
       None, "exponential: factor per decay_steps, in (0, 1] (default 0.5).")
-  momentum: float = _field(
-      0.0, "Per-device momentum beta in [0, 1) applied before compression (Signum with "
-      "--compressor=sign).")
+  momentum: float | None = _field(
+      None, "sgd: per-device momentum beta in [0, 1) applied before compression (Signum "
+      "with --compressor=sign; default 0). eamsgd: each worker's Nesterov momentum delta "
+      "in [0, 1) (default 0.99, the authors').")
   # Compression.
-  compressor: str = _field("qsgd", "Gradient codec ('none' = float32).", COMPRESSORS)
+  compressor: str = _field(
+      "qsgd", "Gradient codec ('none' = float32); easgd / eamsgd: the codec of the elastic "
+      "differences, downpour: of the pushed updates.", COMPRESSORS)
   aggregation: str | None = _field(
       None, "How codes are averaged across devices (see jrelu.aggregation; default "
       "two_phase). Not with powersgd, which all-reduces its factors.",
@@ -166,7 +203,7 @@ INT32_WHY = "(JAX counts and indexes in int32)"
 def _validate(config: Config) -> None:
   for name in ("dim", "num_samples", "batch_size", "num_steps", "log_every"):
     checked(name, _checks.integer, getattr(config, name), 1, _checks.INT32_MAX, INT32_WHY)
-  for name in ("num_devices", "decay_steps", "bucket_size", "k", "budget", "rank"):
+  for name in ("num_devices", "decay_steps", "bucket_size", "k", "budget", "rank", "tau"):
     checked(name, _checks.optional_integer, getattr(config, name), 1, _checks.INT32_MAX,
             INT32_WHY)
   checked("num_levels", _checks.optional_integer, config.num_levels, 1,
@@ -178,7 +215,10 @@ def _validate(config: Config) -> None:
   checked("learning_rate", _checks.number, config.learning_rate, low=0.0, high=top,
           low_open=True)
   checked("noise_std", _checks.number, config.noise_std, low=0.0, high=top)
-  checked("momentum", _checks.number, config.momentum, low=0.0, high=1.0, high_open=True)
+  if config.momentum is not None:
+    checked("momentum", _checks.number, config.momentum, low=0.0, high=1.0, high_open=True)
+  if config.alpha is not None:
+    checked("alpha", _checks.number, config.alpha, low=0.0, high=1.0, low_open=True)
   checked("target_relative_error", _checks.number, config.target_relative_error, low=0.0,
           high=top)
   for name in ("clip_factor", "dither_scale"):
@@ -195,23 +235,29 @@ def _validate(config: Config) -> None:
   if config.batch_size > config.num_samples:
     raise ConfigError("batch_size", f"batch_size={config.batch_size} is larger than "
                       f"num_samples={config.num_samples} (a batch holds no row twice)")
-  for name, owners in COMPRESSOR_FIELDS.items():
-    if _is_set(config, name) and config.compressor not in owners:
-      raise ConfigError(name, f"{name}={getattr(config, name)!r} has no effect with "
-                        f"compressor={config.compressor!r} (it applies to compressor="
-                        f"{' or '.join(repr(o) for o in owners)})")
-  for name, owners in SCHEDULE_FIELDS.items():
-    if _is_set(config, name) and config.lr_schedule not in owners:
-      raise ConfigError(name, f"{name}={getattr(config, name)!r} has no effect with "
-                        f"lr_schedule={config.lr_schedule!r} (it applies to lr_schedule="
-                        f"{' or '.join(repr(o) for o in owners)})")
+  for selector, table in (("compressor", COMPRESSOR_FIELDS), ("lr_schedule", SCHEDULE_FIELDS),
+                          ("algorithm", ALGORITHM_FIELDS)):
+    chosen = getattr(config, selector)
+    for name, owners in table.items():
+      if _is_set(config, name) and chosen not in owners:
+        raise ConfigError(name, f"{name}={getattr(config, name)!r} has no effect with "
+                          f"{selector}={chosen!r} (it applies to {selector}="
+                          f"{' or '.join(repr(o) for o in owners)})")
   if config.k is not None and config.fraction is not None:
     raise ConfigError("k", f"k={config.k} and fraction={config.fraction} both given; "
                       "give one")
   if config.error_feedback and config.compressor == "none":
     raise ConfigError("error_feedback", "error_feedback=True has no effect with "
                       "compressor='none' (float32 leaves no residual)")
-  if config.compressor == POWERSGD:
+  if _round_robin(config):
+    if config.compressor != "none":
+      raise ConfigError("compressor", f"compressor={config.compressor!r} does not work with "
+                        "exchange='round_robin' (its emulation all-gathers the workers' "
+                        "float32 parameters; use compressor='none')")
+    if config.aggregation is not None:
+      raise ConfigError("aggregation", f"aggregation={config.aggregation!r} has no effect "
+                        "with exchange='round_robin' (it all-gathers float32 parameters)")
+  elif config.compressor == POWERSGD:
     if config.aggregation is not None:
       raise ConfigError("aggregation", f"aggregation={config.aggregation!r} has no effect "
                         "with compressor='powersgd' (it all-reduces its factors P and Q)")
@@ -233,15 +279,22 @@ def _is_set(config: Config, name: str) -> bool:
   return getattr(config, name) != default
 
 
-def resolve(config: Config) -> Config:
+def _round_robin(config: Config) -> bool:
+  return config.algorithm != SGD and config.exchange == "round_robin"
+
+
+def resolve(config: Config, num_devices: int | None = None) -> Config:
   """``config`` with the method defaults filled in where a used setting is None.
 
-  Settings the method does not use stay None; for PowerSGD ``aggregation`` stays None
-  (its collectives are its own).
+  Settings the method does not use stay None; for PowerSGD and the round-robin exchange
+  ``aggregation`` stays None (their collectives are their own). EASGD's ``alpha``
+  (``0.9 / N``) is filled in only when ``num_devices`` is given.
 
   Example:
     >>> resolve(Config()).num_levels
     4
+    >>> resolve(Config(algorithm="easgd"), num_devices=8).alpha
+    0.1125
   """
   values = {}
   for name, default in DEFAULTS.items():
@@ -249,9 +302,17 @@ def resolve(config: Config) -> Config:
       continue
     owners = COMPRESSOR_FIELDS.get(name) or ()
     schedules = SCHEDULE_FIELDS.get(name) or ()
+    algorithms = ALGORITHM_FIELDS.get(name) or ()
+    if isinstance(default, dict):
+      default = default.get(config.algorithm)
     if (config.compressor in owners or config.lr_schedule in schedules
-        or (name == "aggregation" and config.compressor != POWERSGD)):
+        or config.algorithm in algorithms
+        or (name == "aggregation" and config.compressor != POWERSGD
+            and not _round_robin(config))):
       values[name] = default
+  if (config.alpha is None and config.algorithm in ALGORITHM_FIELDS["alpha"]
+      and num_devices is not None):
+    values["alpha"] = easgd.default_alpha(num_devices)
   return dataclasses.replace(config, **values)
 
 
@@ -303,9 +364,13 @@ def make_schedule(config: Config) -> optax.Schedule:
   return optax.constant_schedule(lr)
 
 
-def make_tx(config: Config, key, num_devices: int, axis_name: str | None = parallel.AXIS_NAME
-            ) -> optax.GradientTransformation:
-  """Momentum (optional), then compression and averaging, then SGD with the schedule.
+def make_communication(config: Config, key, num_devices: int,
+                       axis_name: str | None = parallel.AXIS_NAME) -> optax.GradientTransformation:
+  """The transform that compresses, exchanges and averages per-device arrays.
+
+  What crosses the wire in every algorithm: SGD's gradients, EASGD's elastic differences,
+  DOWNPOUR's pushed updates. ``jrelu.compress`` of the codec, ``jrelu.error_feedback``
+  with ``error_feedback``, or ``jrelu.powersgd.powersgd``.
 
   Args:
     config: the run's settings.
@@ -314,25 +379,99 @@ def make_tx(config: Config, key, num_devices: int, axis_name: str | None = paral
     axis_name: the device axis the transform averages over.
 
   Returns:
-    ``optax.chain([ema(momentum)], compression, sgd(schedule))``.
+    An ``optax.GradientTransformation`` whose update is the (compressed) mean over
+    ``axis_name``, identical on every device.
   """
   config = resolve(config)
   if config.compressor == POWERSGD:
-    compression = powersgd.powersgd(config.rank, key=key, axis_name=axis_name)
-  elif config.error_feedback:
-    compression = transforms.error_feedback(
+    return powersgd.powersgd(config.rank, key=key, axis_name=axis_name)
+  if config.error_feedback:
+    return transforms.error_feedback(
         make_codec(config, num_devices), key=key, axis_name=axis_name,
         aggregation=config.aggregation)
-  else:
-    compression = transforms.compress(
-        make_codec(config, num_devices), key=key, axis_name=axis_name,
-        aggregation=config.aggregation)
+  return transforms.compress(
+      make_codec(config, num_devices), key=key, axis_name=axis_name,
+      aggregation=config.aggregation)
+
+
+def make_tx(config: Config, key, num_devices: int, axis_name: str | None = parallel.AXIS_NAME
+            ) -> optax.GradientTransformation:
+  """SGD's transform: momentum (optional), then compression and averaging, then the step.
+
+  Args:
+    config: the run's settings, with ``algorithm='sgd'`` (the others are a
+      :func:`make_step` of their own).
+    key: the PRNG key of the compression noise (the same on every device).
+    num_devices: N (ATOMO's default budget depends on it).
+    axis_name: the device axis the transform averages over.
+
+  Returns:
+    ``optax.chain([ema(momentum)], make_communication(...), sgd(schedule))``.
+
+  Raises:
+    ConfigError: (field ``algorithm``) for an algorithm other than SGD.
+  """
+  config = resolve(config)
+  if config.algorithm != SGD:
+    raise ConfigError("algorithm", f"algorithm={config.algorithm!r} is no optax transform "
+                      "of the gradient (its workers keep their own parameters); build it "
+                      "with make_step")
+  compression = make_communication(config, key, num_devices, axis_name)
   momentum = [optax.ema(config.momentum, debias=False)] if config.momentum > 0 else []
   return optax.chain(*momentum, compression, optax.sgd(make_schedule(config)))
 
 
+def make_step(config: Config, key, num_devices: int, *, loss_fn: Callable,
+              metrics_fn: Callable | None = None, axis_name: str = parallel.AXIS_NAME):
+  """The per-device training step of ``config``'s algorithm, and its initial state.
+
+  SGD: ``jrelu.parallel.make_step`` with :func:`make_tx` and the window sampler of
+  ``jrelu.sampling.make_batch_fn``. EASGD, EAMSGD, DOWNPOUR: ``jrelu.easgd.make_step``
+  with :func:`make_communication` (none for the round-robin exchange); each worker draws
+  its ``batch_size / N`` rows from the whole data set, with replacement (the paper's
+  workers sample the whole training set; the window sampler would confine worker i to
+  its ``n / N`` rows, a different problem for methods whose workers drift apart).
+
+  Args:
+    config: the run's settings.
+    key: the PRNG key of the compression noise.
+    num_devices: N.
+    loss_fn: the model's per-device loss (``jrelu.planted.loss``), windowed-capable.
+    metrics_fn: the model's metrics (SGD: on the parameters; the others: on the center).
+    axis_name: the device axis.
+
+  Returns:
+    ``(step, init)``: ``step(state, data, key) -> (state, metrics)`` and
+    ``init(params) -> TrainState`` (replicate it over the devices).
+  """
+  config = resolve(config, num_devices)
+  if config.algorithm == SGD:
+    tx = make_tx(config, key, num_devices, axis_name)
+    step = parallel.make_step(loss_fn, sampling.make_batch_fn(config.batch_size), tx,
+                              metrics_fn=metrics_fn, axis_name=axis_name)
+    return step, lambda params: parallel.init_state(params, tx)
+  communicate = (None if _round_robin(config)
+                 else make_communication(config, key, num_devices, axis_name))
+  step = easgd.make_step(
+      loss_fn, sampling.make_batch_fn(config.batch_size, sampling="replacement"),
+      algorithm=config.algorithm, learning_rate=make_schedule(config), tau=config.tau,
+      alpha=config.alpha, momentum=config.momentum or 0.0, communicate=communicate,
+      exchange=config.exchange, metrics_fn=metrics_fn, axis_name=axis_name)
+  return step, lambda params: easgd.init_state(
+      params, algorithm=config.algorithm, communicate=communicate, exchange=config.exchange)
+
+
+def steps_per_exchange(config: Config) -> int:
+  """``tau``: steps per exchange (default 1); 1 for SGD, which exchanges every step."""
+  return resolve(config).tau or 1
+
+
 def predicted_wire_bits(config: Config, params, num_devices: int) -> float:
   """Bits one device sends per step by the formulas (the compiled program is the truth).
+
+  For EASGD, EAMSGD and DOWNPOUR, one exchange's bits divided by ``tau``: the same
+  formula as SGD's gradient (their differences and pushes have the parameters' shapes),
+  or a float32 all-gather for the round-robin exchange.
 
   Args:
     config: the run's settings.
@@ -340,18 +479,26 @@ def predicted_wire_bits(config: Config, params, num_devices: int) -> float:
     num_devices: N.
   """
   config = resolve(config)
-  if config.compressor == POWERSGD:
-    return powersgd.wire_bits(params, config.rank, num_devices)
-  return aggregation.wire_bits(config.aggregation, make_codec(config, num_devices),
-                               jnp.shape(params), num_devices)
+  if _round_robin(config):
+    per_exchange = easgd.round_robin_wire_bits(params, num_devices)
+  elif config.compressor == POWERSGD:
+    per_exchange = powersgd.wire_bits(params, config.rank, num_devices)
+  else:
+    per_exchange = aggregation.wire_bits(config.aggregation, make_codec(config, num_devices),
+                                         jnp.shape(params), num_devices)
+  return per_exchange / steps_per_exchange(config)
 
 
 def describe(config: Config) -> str:
-  """A short label of the method, e.g. ``"qsgd s=4 (max)"`` or ``"top_k fraction=0.1 + EF"``."""
+  """A short label of the method.
+
+  Examples: ``"qsgd s=4 (max)"``, ``"top_k fraction=0.1 + EF"``, ``"easgd tau=4
+  alpha=0.1125, qsgd s=4 (max)"``, ``"downpour tau=1 round-robin, float32"``.
+  """
   config = resolve(config)
   name = config.compressor
   if name == "none":
-    label = "float32 SGD"
+    label = "float32 SGD" if config.algorithm == SGD else "float32"
   elif name == "qsgd":
     label = f"qsgd s={config.num_levels} ({config.norm})"
   else:
@@ -362,8 +509,17 @@ def describe(config: Config) -> str:
               "atomo": f"budget={config.budget}" if config.budget else "",
               POWERSGD: f"rank={config.rank}"}.get(name, "")
     label = f"{name} {extras}".strip()
-  if config.momentum:
+  if config.algorithm == SGD and config.momentum:
     label += f" momentum={config.momentum}"
   if config.error_feedback or name == POWERSGD:
     label += " + EF"
-  return label
+  if config.algorithm == SGD:
+    return label
+  head = f"{config.algorithm} tau={config.tau}"
+  if config.alpha is not None:
+    head += f" alpha={config.alpha:g}"
+  if config.momentum:
+    head += f" momentum={config.momentum}"
+  if _round_robin(config):
+    head += " round-robin"
+  return f"{head}, {label}"

@@ -160,6 +160,16 @@ def identity(config: Config, num_devices: int) -> dict:
   return json_safe({**dataclasses.asdict(config), "num_devices": num_devices})
 
 
+def with_added_defaults(saved: dict) -> dict:
+  """Saved settings, plus every :class:`Config` field they lack at its declared default.
+
+  A checkpoint written before a field was added ran as that field's default does (before
+  ``algorithm`` existed, every run was ``algorithm='sgd'``), so it still resumes.
+  """
+  added = {f.name: f.default for f in dataclasses.fields(Config) if f.name not in saved}
+  return {**json_safe(added), **saved}
+
+
 def _differences(saved: dict, now: dict) -> str:
   return ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})"
                    for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
@@ -219,9 +229,9 @@ def prepare(workdir: str, identity: dict, fresh: bool) -> dict | None:
   step = checkpoint.latest_step(ckpt_dir)
   if step is not None:
     saved = reading(workdir, step, lambda: checkpoint.read_metadata(ckpt_dir, step))
-    if saved["config"] == identity:
+    saved_settings = with_added_defaults(saved["config"])
+    if saved_settings == identity:
       return saved
-    saved_settings = saved["config"]
   else:
     try:
       with open(os.path.join(workdir, "summary.json")) as f:

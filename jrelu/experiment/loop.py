@@ -3,7 +3,9 @@
 Kalan, Soltanolkotabi, Avestimehr, "Fitting ReLUs via SGD and Quantized SGD" (arXiv
 1901.06587): each of N devices takes the gradient of its shard of the global mini-batch,
 the gradients are compressed, exchanged and averaged, and every device applies the same
-update. Training runs in compiled chunks of ``log_every`` steps.
+update. With ``algorithm`` EASGD, EAMSGD or DOWNPOUR (``jrelu.easgd``) each device keeps
+its own parameters instead, and exchanges with a center every ``tau`` steps. Training
+runs in compiled chunks of ``log_every`` steps.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ import numpy as np
 from jrelu import _checks
 from jrelu import aggregation
 from jrelu import checkpoint
+from jrelu import easgd
 from jrelu import parallel
 from jrelu import planted
 from jrelu import powersgd
-from jrelu import sampling
 from jrelu import wire
 from jrelu.experiment.config import (Config, ConfigError, INT32_WHY, checked, describe, make_codec,
-                                     make_tx, predicted_wire_bits, resolve)
+                                     make_step, predicted_wire_bits, resolve,
+                                     steps_per_exchange)
 from jrelu.experiment import files
 from jrelu.experiment import memory
 
@@ -102,11 +105,16 @@ def run(config: Config, workdir: str, *, devices=None,
   Training runs in compiled chunks of ``config.log_every`` steps (one ``lax.scan`` each)
   and stops early once ``config.target_relative_error`` is reached. After each chunk the
   metrics line is appended to ``metrics.jsonl``, logged, and passed to every callback.
+  For EASGD, EAMSGD and DOWNPOUR the ``relative_error`` is the center's, and the summary's
+  ``wire_bits_per_step_per_device`` is one exchange's bits (read from the compiled step,
+  ``wire_bits_per_exchange_per_device``) over ``tau``; ``cumulative_wire_bits_per_device``
+  counts the exchanges made, ``ceil(step / tau)``.
 
   One run per workdir: ``run`` holds an exclusive lock on ``workdir/.lock`` while it
   runs. At the first chunk boundary at or after every ``checkpoint_every`` steps, and
   at the end, the whole state (params, the optax state with its PRNG keys, residuals and
-  factors, the step) goes to ``workdir/checkpoints/<step>`` with the settings, the run id
+  factors, the step; for EASGD, EAMSGD and DOWNPOUR each device's own params, the center,
+  momenta and pushes) goes to ``workdir/checkpoints/<step>`` with the settings, the run id
   and the metrics so far. Calling ``run`` again with the same settings resumes from the
   latest checkpoint and ends bit-identical to an uninterrupted run (params, opt state,
   every metric but the timings); ``metrics.jsonl`` is cut back to the checkpoint, so
@@ -162,6 +170,7 @@ def run(config: Config, workdir: str, *, devices=None,
       raise ConfigError("JAX_PLATFORMS", f"JAX_PLATFORMS={platforms!r}: JAX cannot start "
                         f"that backend here ({reason})") from None
   n_dev = len(devices)
+  config = resolve(config, n_dev)   # EASGD's alpha = 0.9 / N
   if config.batch_size % n_dev:
     raise ConfigError("batch_size", f"batch_size={config.batch_size} is not divisible by "
                       f"the {n_dev} devices")
@@ -197,18 +206,21 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
   w_star = planted.sample_w_star(w_key, config.dim)
   dataset = planted.sample_dataset(data_key, w_star, config.num_samples, config.noise_std)
   params = planted.init_params(init_key, (dataset, w_star), config.init)
-  tx = make_tx(config, tx_key, n_dev)
-  step = parallel.make_step(planted.loss, sampling.make_batch_fn(config.batch_size), tx,
-                            metrics_fn=planted.metrics_fn)
+  step, init_state = make_step(config, tx_key, n_dev, loss_fn=planted.loss,
+                               metrics_fn=planted.metrics_fn)
   state, data, batch_key = parallel.replicate(
-      (parallel.init_state(params, tx), (dataset, w_star), batch_key), devices)
+      (init_state(params), (dataset, w_star), batch_key), devices)
 
   programs_depend_on = {k: v for k, v in identity.items()
                         if k not in ("num_steps", "target_relative_error", "log_every")}
   cache_key = (json.dumps(programs_depend_on, sort_keys=True),
                tuple(d.id for d in devices))
+  # One step's program: its collectives are those of one exchange (EASGD's sit in the
+  # branch that runs every tau steps), so the bits per step are these over tau.
   bits = _cached(cache_key + ("wire",), lambda: wire.measure(
       parallel.wrap(config.parallel, step, devices), state, data, batch_key))
+  tau = steps_per_exchange(config)
+  sent_per_step = bits.sent_bits / tau
   float32_bits = aggregation.float32_allreduce_bits((config.dim,), n_dev)
   codec = make_codec(config, n_dev)
   initial_error = float(planted.relative_error(params, w_star))
@@ -223,13 +235,14 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
       "steps": 0,
       "steps_to_target": None,
       "checkpoint_step": None,
-      "wire_bits_per_step_per_device": bits.sent_bits,
+      "wire_bits_per_step_per_device": sent_per_step,
+      "wire_bits_per_exchange_per_device": bits.sent_bits,
       "predicted_wire_bits_per_step_per_device": predicted_wire_bits(config, params, n_dev),
-      "wire_operand_bits_per_step_per_device": bits.operand_bits,
+      "wire_operand_bits_per_step_per_device": bits.operand_bits / tau,
       "compressor_wire_bits": (codec.wire_bits((config.dim,)) if codec is not None
                                else powersgd.wire_bits(params, config.rank, 2)),
       "float32_wire_bits": float32_bits,
-      "compression_ratio": float32_bits / bits.sent_bits if bits.sent_bits else None,
+      "compression_ratio": float32_bits / sent_per_step if sent_per_step else None,
       "steps_per_second": None,
       "compile_seconds": 0.0,
       "run_seconds": 0.0,
@@ -256,8 +269,9 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
     files.writing(metrics_path, lambda: files.write_text(metrics_path, ""))
   files.writing(summary_path, lambda: files.write_json(summary_path, summary))
   if bits.sent_bits:
-    logging.info("wire: %.0f bits per step per device (float32 all-reduce: %.0f, %.1fx fewer)",
-                 bits.sent_bits, float32_bits, summary["compression_ratio"])
+    logging.info("wire: %.0f bits per step per device (float32 all-reduce: %.0f, %.1fx fewer)%s",
+                 sent_per_step, float32_bits, summary["compression_ratio"],
+                 f", {bits.sent_bits:.0f} per exchange every {tau} steps" if tau > 1 else "")
   else:
     logging.info("wire: no traffic between devices (%d device)", n_dev)
 
@@ -314,7 +328,8 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
             "loss": float(losses[done - 1]),
             "steps_per_second": length / elapsed,
             "run_seconds": summary["run_seconds"],
-            "cumulative_wire_bits_per_device": summary["steps"] * bits.sent_bits,
+            "cumulative_wire_bits_per_device": (easgd.exchanges(summary["steps"], tau)
+                                                * bits.sent_bits),
             "run_id": summary["run_id"],
         }
         history.append(record)
