@@ -115,7 +115,7 @@ def launch(program: str, num_processes: int, flags_after: list[str], *, port: in
   old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
   first_failure, failed_at = None, None
   try:
-    while any(p.poll() is None for p in procs):
+    while [p.poll() for p in procs].count(None):
       for i, p in enumerate(procs):
         if p.returncode not in (None, 0) and first_failure is None:
           first_failure, failed_at = i, time.monotonic()

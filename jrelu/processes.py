@@ -39,9 +39,11 @@ import atexit
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 
 import jax
 
@@ -66,6 +68,7 @@ class _State:
   prog: str = "jrelu"
   client: object = None
   stop: threading.Event | None = None
+  filtered: bool = False
   sequence: int = 0
 
 
@@ -171,17 +174,24 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   # JAX's preemption service takes SIGTERM for itself; jrelu.experiment.run handles it.
   jax.config.update("jax_enable_preemption_service", False)
   where = coordinator_address or "the cluster's coordinator"
+  who = f"process {process_id}" if process_id is not None else "this process"
+  cannot_join = (f"{who} of {num_processes if num_processes is not None else '?'} could "
+                 f"not join the job at {where} within {timeout} s")
+  advice = ("start every process with the same --num_processes and --coordinator_address, "
+            "and check that process 0 runs and its address is reachable")
+  if process_id and coordinator_address:
+    # JAX's client aborts the process when the coordinator never answers; a plain TCP
+    # connection tells first, in a clean error.
+    if not _reachable(coordinator_address, timeout):
+      raise ProcessError(f"{cannot_join} (nothing listens at {coordinator_address}); "
+                         f"{advice}")
+  _start_stderr_filter(f"{cannot_join} ({{status}}); {advice}")
   try:
     jax.distributed.initialize(
         coordinator_address, num_processes, process_id, initialization_timeout=timeout,
         heartbeat_timeout_seconds=timeout, shutdown_timeout_seconds=timeout)
   except Exception as e:  # pylint: disable=broad-except  # JAX raises several kinds
-    who = f"process {process_id}" if process_id is not None else "this process"
-    raise ProcessError(
-        f"{who} of {num_processes} could not join the job at {where} within {timeout} s "
-        f"({_first_line(e)}); start every process with the same --num_processes and "
-        "--coordinator_address, process 0 first, and check that its address is "
-        "reachable") from None
+    raise ProcessError(f"{cannot_join} ({_first_line(e)}); {advice}") from None
   from jax._src import distributed  # pylint: disable=g-import-not-at-top
   state = distributed.global_state
   _STATE.client = state.client
@@ -190,15 +200,25 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   _STATE.coordinator_address = state.coordinator_address
   _STATE.timeout = timeout
   _STATE.stop = threading.Event()
-  _start_stderr_filter()
-  # Every process says how many processes it was started with; a process started with
-  # another count joins a job of the wrong size (or none: the others time out above).
-  counts = allgather(num_processes if num_processes is not None else _STATE.num_processes,
-                     timeout_ms=timeout * 1000)
+  if _STATE.filtered:  # from here on, a fatal end means a lost process (see _FILTER)
+    os.write(2, (f"{_JOINED} {_STATE.process_id} {_STATE.num_processes} "
+                 f"{_STATE.coordinator_address}\n").encode())
+  # Every process says how many processes it was started with. The job has process 0's
+  # count (its coordination service waited for that many); a process started with a
+  # larger count still joins it (one with a smaller count makes the others time out).
+  key = _key("num_processes")
+  _STATE.client.key_value_set(f"{key}/{_STATE.process_id}", str(_STATE.num_processes))
+  if is_writer():
+    counts = [int(_STATE.client.blocking_key_value_get(f"{key}/{i}", timeout * 1000))
+              for i in range(_STATE.num_processes)]
+    _STATE.client.key_value_set(f"{key}/all", json.dumps(counts))
+  else:
+    counts = json.loads(_STATE.client.blocking_key_value_get(f"{key}/all", timeout * 1000))
+  _STATE.num_processes = counts[0]
   if len(set(counts)) > 1:
     finish()
     started = ", ".join(f"process {i} with num_processes={c}" for i, c in enumerate(counts))
-    raise ProcessError(f"the processes were started with different num_processes "
+    raise ProcessError(f"the processes were started with different --num_processes "
                        f"({started}); start every process with the same "
                        "--num_processes")
   threading.Thread(target=_watch, args=(_STATE.stop,), name="jrelu-watchdog",
@@ -207,6 +227,20 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   # handler, registered earlier and so run later, then leaves the job.
   atexit.register(_STATE.stop.set)
   return True
+
+
+def _reachable(address: str, timeout: float) -> bool:
+  """Whether a TCP connection to ``host:port`` succeeds within ``timeout`` seconds."""
+  host, _, port = address.rpartition(":")
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=1):
+        return True
+    except (OSError, ValueError):
+      if time.monotonic() >= deadline:
+        return False
+      time.sleep(0.2)
 
 
 def _first_line(e: BaseException) -> str:
@@ -246,6 +280,19 @@ def _watch(stop: threading.Event) -> None:
       names = ", ".join(str(i) for i in lost)
       _die(f"lost process {names} (no heartbeat for {_STATE.timeout} s); rerun the same "
            "command to resume from the last checkpoint")
+
+
+def wait_for_lost_process() -> None:
+  """After an error inside a collective, waits up to ``timeout`` seconds to name its cause.
+
+  A collective fails in a surviving process when another process of the job is lost;
+  meanwhile the watchdog (or JAX's runtime, for process 0) ends this process with the
+  one line that names the lost process. Returns when no process turned out lost, so that
+  the caller reports its error; at once with one process.
+  """
+  if _STATE.client is None:
+    return
+  _STATE.stop.wait(_STATE.timeout + 5)
 
 
 def _key(name: str) -> str:
@@ -291,8 +338,9 @@ def finish() -> None:
 
   Call it at the end of a process's work (also after an error every process shares):
   JAX's shutdown does not wait for the others once a job tolerates lost processes, and
-  process 0's coordination service must outlive the others' last calls. A process lost
-  meanwhile is reported by the watchdog; the wait is bounded by ``timeout``.
+  process 0's coordination service must outlive the others' last calls, so process 0
+  leaves last. A process lost meanwhile is reported by the watchdog; the wait is bounded
+  by ``timeout``.
   """
   if _STATE.client is None:
     return
@@ -302,6 +350,15 @@ def finish() -> None:
     _die(f"the other processes did not finish within {_STATE.timeout} s "
          f"({_first_line(e)})")
   _STATE.stop.set()
+  if is_writer():
+    # Process 0's coordination service must outlive the others' disconnection: asked
+    # once the others have stopped asking, get_live_nodes returns when they are gone.
+    for _ in range(10):
+      try:
+        if len(_STATE.client.get_live_nodes(list(range(_STATE.num_processes)))) <= 1:
+          break
+      except Exception:  # pylint: disable=broad-except
+        break
   jax.distributed.shutdown()
   _STATE.client = None
 
@@ -319,20 +376,27 @@ def host_array(x):
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-# The stderr filter: JAX's runtime ends a process whose coordinator is gone with a fatal
-# log (a status and a stack trace, many lines). This filter passes every other line
-# through unchanged and turns that message into one line naming the lost process.
+# The stderr filter: JAX's runtime ends a process that cannot reach its coordinator with a
+# fatal log (a status and a stack trace, many lines). The filter passes every other line
+# through unchanged and turns that message into one line: before this process joined
+# (the marker line _JOINED, swallowed, says when), the reason it could not join; after, the
+# process it lost.
+_JOINED = "\x1ejrelu-joined"
 _FILTER = r"""
 import os, re, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-prog, me, n, coordinator = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+prog, marker, cannot_join = sys.argv[1], sys.argv[2].encode(), sys.argv[3]
 out = sys.stdout.buffer
+joined = None
 fatal = []
 pending = b""
 def emit(line):
+  global joined
   if fatal:
     fatal.append(line)
+  elif line.startswith(marker):
+    joined = line[len(marker):].decode().split()
   elif b"Terminating process because the JAX distributed service" in line:
     fatal.append(line)
   elif b"Polled an error from coordination service" not in line:
@@ -354,28 +418,35 @@ if pending:
 if fatal:
   text = b"".join(fatal).decode(errors="replace")
   status = re.search(r"absl::Status: ([^\n]*)", text)
-  status = status.group(1) if status else ""
-  unhealthy = re.search(r"unhealthy[^\n]*:\s*\n\s*([0-9][0-9, \n]*)", text)
-  if unhealthy:
-    lost = ", ".join(unhealthy.group(1).split())
-    what = f"lost process {lost} (no heartbeat)"
-  elif "coordination service" in status or "leader" in status:
-    what = f"lost the coordinator, process 0 at {coordinator}"
+  status = status.group(1) if status else "no status"
+  cut = status.find(". ", 20)
+  status = status[:cut] if cut > 0 else status[:200]
+  if joined is None:
+    line = f"{prog}: error: {cannot_join.replace('{status}', status)}"
   else:
-    what = "JAX's distributed runtime ended this process"
-  status = status[:200]
-  out.write(f"{prog}: error: process {me} of {n}: {what} ({status}); rerun the same "
-            "command to resume from the last checkpoint\n".encode())
+    me, n, coordinator = joined
+    unhealthy = re.search(r"unhealthy[^\n]*:\s*\n\s*([0-9][0-9, \n]*)", text)
+    if unhealthy:
+      what = f"lost process {', '.join(unhealthy.group(1).split())} (no heartbeat)"
+    elif "coordination service" in status or "leader" in status:
+      what = f"lost the coordinator, process 0 at {coordinator}"
+    else:
+      what = "JAX's distributed runtime ended this process"
+    line = (f"{prog}: error: process {me} of {n}: {what} ({status}); rerun the same "
+            "command to resume from the last checkpoint")
+  out.write(line.encode() + b"\n")
   out.flush()
 """
 
 
-def _start_stderr_filter() -> None:
+def _start_stderr_filter(cannot_join: str) -> None:
   """Routes this process's stderr (fd 2) through :data:`_FILTER` in a small subprocess.
 
   The subprocess outlives this process by a moment (it ends at the end of its input),
-  so it can still report this process's fatal end. Set ``JRELU_RAW_STDERR=1`` to keep
-  stderr as it is; a failure to start the filter keeps it too.
+  so it can still report this process's fatal end. ``cannot_join`` is the line for a
+  fatal end before joining (``{status}`` stands for JAX's reason). Set
+  ``JRELU_RAW_STDERR=1`` to keep stderr as it is; a failure to start the filter keeps it
+  too.
   """
   if os.environ.get("JRELU_RAW_STDERR"):
     return
@@ -383,8 +454,7 @@ def _start_stderr_filter() -> None:
   real_stderr = os.dup(2)
   try:
     filt = subprocess.Popen(
-        [sys.executable, "-I", "-S", "-c", _FILTER, _STATE.prog, str(_STATE.process_id),
-         str(_STATE.num_processes), str(_STATE.coordinator_address)],
+        [sys.executable, "-I", "-S", "-c", _FILTER, _STATE.prog, _JOINED, cannot_join],
         stdin=subprocess.PIPE, stdout=real_stderr, close_fds=True)
   except OSError:
     return
@@ -392,3 +462,4 @@ def _start_stderr_filter() -> None:
     os.close(real_stderr)
   os.dup2(filt.stdin.fileno(), 2)
   filt.stdin.close()
+  _STATE.filtered = True

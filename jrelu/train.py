@@ -166,6 +166,11 @@ def main(argv):
              130)
   except processes.ProcessFailed as e:
     error = (str(e), 1)
+  except Exception:  # pylint: disable=broad-except
+    # Inside a job of several processes, a failed collective usually means a lost
+    # process: give the watchdog the time to name it instead of a traceback.
+    processes.wait_for_lost_process()
+    raise
   # Several processes leave together (a bounded wait; a lost one is reported).
   processes.finish()
   if error is not None:
