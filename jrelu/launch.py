@@ -7,7 +7,8 @@ runs ``python -m jrelu.train`` (or ``--program``) ``--num_processes`` times, eac
 ``--process_id``, plus the flags after ``--``. The processes form one job on JAX's
 distributed runtime (``jrelu.processes``): their devices are one data-parallel axis, on
 CPU each process simulating ``num_devices / num_processes`` of them. Their output
-(stdout and stderr) is streamed line by line with a ``[pI]`` prefix.
+(stdout and stderr, line by line) is streamed to the launcher's stdout with a ``[pI]``
+prefix.
 
 Exit status: 0 when every process exits with 0; otherwise that of the first process to
 fail (128 + N for a process killed by signal N), after one line naming it. A process that
@@ -95,16 +96,18 @@ def launch(program: str, num_processes: int, flags_after: list[str], *, port: in
   procs, streams = [], []
   for i in range(num_processes):
     # Own session: a terminal's Ctrl-C reaches the launcher only, which forwards it once.
+    # stdout and stderr apart: each is copied by whole lines, never cut into each other.
     proc = subprocess.Popen(
         command(program, i, num_processes, port, timeout, flags_after),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
     procs.append(proc)
     with lock:
       sys.stdout.write(f"[{PROG}] process {i} of {num_processes}: pid {proc.pid}\n")
       sys.stdout.flush()
-    thread = threading.Thread(target=_stream, args=(i, proc.stdout, lock), daemon=True)
-    thread.start()
-    streams.append(thread)
+    for pipe in (proc.stdout, proc.stderr):
+      thread = threading.Thread(target=_stream, args=(i, pipe, lock), daemon=True)
+      thread.start()
+      streams.append(thread)
 
   def forward(signum, frame):
     del frame

@@ -212,6 +212,22 @@ def _on_writer(work: Callable):
   return result
 
 
+def _device_losses(loss) -> np.ndarray:
+  """float32 ``[N, steps]``: every device's losses of a chunk, in device order.
+
+  With several processes each reads its devices' rows and the processes exchange them as
+  JSON numbers through the coordination service (exact for float32, and no program to
+  compile for a few numbers per device).
+  """
+  if loss.is_fully_addressable:
+    return np.asarray(loss)
+  mine = {s.index[0].start: np.asarray(s.data)[0].tolist() for s in loss.addressable_shards}
+  rows = {}
+  for part in processes.allgather({str(k): v for k, v in mine.items()}, "losses"):
+    rows.update(part)
+  return np.asarray([rows[str(i)] for i in range(loss.shape[0])], np.float32)
+
+
 def _problem(config: Config, devices):
   """``(w_star, segments, params)``: the planted problem, each device holding its segment.
 
@@ -367,7 +383,7 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
       # Every device holds the same params, hence the same error; the loss is the mean
       # of every device's (all-gathered when devices of other processes hold some).
       errors = np.asarray(metrics["relative_error"].addressable_shards[0].data)[0]
-      losses = processes.host_array(metrics["loss"]).mean(axis=0)
+      losses = _device_losses(metrics["loss"]).mean(axis=0)
       elapsed = time.perf_counter() - start
       summary["run_seconds"] += elapsed
       first = summary["steps"]
