@@ -275,6 +275,9 @@ def _watch(stop: threading.Event) -> None:
            "checkpoint")
     if stop.is_set():
       return
+    if _STATE.process_id not in live:
+      _die(f"lost contact with the job's coordination service (no heartbeat for "
+           f"{_STATE.timeout} s); rerun the same command to resume from the last checkpoint")
     lost = [i for i in everyone if i not in live]
     if lost:
       names = ", ".join(str(i) for i in lost)

@@ -57,6 +57,12 @@ TIMEOUT = 5  # --process_timeout of the job
 SLACK = 15
 
 
+import resource
+def cpu():
+  c = resource.getrusage(resource.RUSAGE_CHILDREN); m = resource.getrusage(resource.RUSAGE_SELF)
+  return f"children {c.ru_utime + c.ru_stime:.1f} self {m.ru_utime + m.ru_stime:.1f}"
+
+
 def env():
   """The subprocesses' environment: this checkout, the suite's XLA flags and cache."""
   return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -96,7 +102,7 @@ def job(tmp_path_factory):
   else:
     pytest.fail("the job ended before holding:\n" + "\n".join(lines[-30:]) + first.stderr.read())
   killed_at = time.monotonic()
-  print("TIMING hold", killed_at - t0, flush=True)
+  print(cpu(), "TIMING hold", killed_at - t0, flush=True)
   os.kill(pids(lines)[1], signal.SIGKILL)
   rest, first_stderr = first.communicate(timeout=TIMEOUT + SLACK + 60)
   gone_after = time.monotonic() - killed_at
@@ -104,16 +110,16 @@ def job(tmp_path_factory):
   # The same command again; and, meanwhile, PowerSGD in one process of 8 devices.
   second = launcher(job_args(out / "two", RUNS))
   single = launcher(job_args(out / "one", {"powersgd": RUNS["powersgd"]}, num_processes=1))
-  print("TIMING gone", time.monotonic() - t0, flush=True)
+  print(cpu(), "TIMING gone", time.monotonic() - t0, flush=True)
   # The references, here: 8 devices of one process, XLA's own collectives.
   references = {}
   for name, kwargs in RUNS.items():
     references[name] = out / "ref" / name
     experiment.run(experiment.Config(**kwargs), str(references[name]),
                    devices=jax.devices()[:8], checkpoint_every=10**6)
-  print("TIMING refs", time.monotonic() - t0, flush=True)
+  print(cpu(), "TIMING refs", time.monotonic() - t0, flush=True)
   outputs = [p.communicate(timeout=600) for p in (second, single)]
-  print("TIMING all", time.monotonic() - t0, flush=True)
+  print(cpu(), "TIMING all", time.monotonic() - t0, flush=True)
   for p, (stdout, stderr) in zip((second, single), outputs):
     assert p.returncode == 0, stdout[-3000:] + stderr
   return dict(out=out, lines=lines, stderr=first_stderr, status=first.returncode,
@@ -222,6 +228,7 @@ def test_join_failures_and_a_lost_coordinator_are_one_line(tmp_path):
   procs["idle0"].kill()
   results = {name: p.communicate(timeout=120) for name, p in procs.items()}
   elapsed = time.monotonic() - started
+  print(cpu(), "TIMING faults", elapsed, flush=True)
   for name in ("alone", "mismatch0", "mismatch1"):
     stdout, stderr = results[name]
     assert procs[name].returncode == 2 and stdout == "", (name, stderr)
