@@ -494,25 +494,24 @@ def setup_devices(num_devices: int | None = None):
 def _setup_job_devices(num_devices: int | None):
   """:func:`setup_devices` in a job of several processes (``jrelu.processes``).
 
-  Returns every device of every process (``jax.devices()``). On CPU each process
-  simulates ``num_devices / num_processes`` of them (default 8 in all).
+  Returns every device of every process (``jax.devices()``), which the job trains on. On
+  CPU each process simulates ``num_devices / num_processes`` of them (default: 8 in all,
+  or 8 // num_processes each when that does not divide).
   """
   count = processes.num_processes()
-  wanted_cpu = num_devices or DEFAULT_CPU_DEVICES
-  if wanted_cpu % count:
-    raise ValueError(f"num_devices={wanted_cpu} is not divisible by the {count} processes "
-                     "(each process simulates as many CPU devices)")
-  _reserve_cpu_client_threads(wanted_cpu // count)
+  per_process = num_devices // count if num_devices else max(1, DEFAULT_CPU_DEVICES // count)
+  _reserve_cpu_client_threads(max(per_process, 1))
   try:
-    jax.config.update("jax_num_cpu_devices", wanted_cpu // count)
+    jax.config.update("jax_num_cpu_devices", max(per_process, 1))
   except RuntimeError:
     pass  # backends already started; the count check below explains what to do
   available = jax.devices()
-  wanted = num_devices or (len(available) if jax.default_backend() != "cpu"
-                           else DEFAULT_CPU_DEVICES)
-  if wanted != len(available):
+  if num_devices is not None and num_devices != len(available):
+    if jax.default_backend() == "cpu" and num_devices % count:
+      raise ValueError(f"num_devices={num_devices} is not divisible by the {count} "
+                       "processes (each process simulates as many CPU devices)")
     raise ValueError(
-        f"num_devices={wanted} asked for, but the {count} processes have "
+        f"num_devices={num_devices} asked for, but the {count} processes have "
         f"{len(available)} {jax.default_backend()} devices together; a job of several "
         "processes trains on all of them")
   return available

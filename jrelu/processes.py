@@ -17,9 +17,10 @@ store.
 
 Failures are bounded by one ``timeout`` (seconds, :data:`DEFAULT_TIMEOUT`):
 
-* joining: a process that cannot reach the coordinator, or a job whose processes were
-  started with different ``num_processes``, fails within ``timeout`` with one line
-  (:class:`ProcessError`);
+* joining: a process that cannot reach the coordinator, whose job does not come together
+  within ``timeout`` or whose processes were started with different ``num_processes``
+  fails with one line (:class:`ProcessError`, or JAX's fatal end of a connection that
+  timed out, turned into that line by the stderr filter below);
 * a lost process: every process runs a watchdog thread that asks the coordination service
   which processes are alive (their heartbeats, ``heartbeat_timeout_seconds = timeout``).
   When one is lost (``kill -9``, a crashed host), the others print one line naming it and

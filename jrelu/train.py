@@ -15,13 +15,20 @@ A flag that the chosen compressor or schedule does not use is an error (``--num_
 with ``--compressor=sign``, ``--decay_rate`` with ``--lr_schedule=constant``,
 ``--aggregation`` with ``--compressor=powersgd``), never silently ignored.
 
+Several processes form one job with ``--coordinator_address``, ``--num_processes`` and
+``--process_id`` (or a cluster's environment, e.g. SLURM's ``srun``; ``python -m
+jrelu.launch`` starts them on one machine): their devices are one data-parallel axis, and
+process 0 writes the files (``jrelu.processes``; README, "Running on several processes or
+hosts").
+
 Writes ``WORKDIR/metrics.jsonl``, ``WORKDIR/summary.json``, ``WORKDIR/checkpoints/`` and,
 when matplotlib is installed, ``WORKDIR/relative_error.png``. Running again with the same
 ``--workdir`` and flags resumes from the latest checkpoint (other flags are refused, naming
 them; ``--fresh`` starts over). Exit status: 2 for bad flags, a workdir in use or holding
 another run; 1 for NaN or Inf (the step is named) or a file that cannot be written (named);
 130 / 143 after SIGINT / SIGTERM, which stop at the end of the current chunk with a
-checkpoint and ``"status": "interrupted"``. Each failure is one line on stderr.
+checkpoint and ``"status": "interrupted"``; 3 when another process of the job was lost
+(within ``--process_timeout`` seconds). Each failure is one line on stderr.
 """
 
 from __future__ import annotations
