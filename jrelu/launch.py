@@ -38,18 +38,27 @@ from absl import flags
 from jrelu import processes
 
 PROG = "jrelu.launch"
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "Processes to start (>= 1).",
-                                      lower_bound=1)
-_PROGRAM = flags.DEFINE_string(
-    "program", "jrelu.train", "The Python module (python -m) or .py file each process "
-    "runs; it must accept --coordinator_address, --num_processes, --process_id and "
-    "--process_timeout.")
-_PORT = flags.DEFINE_integer("port", 0, "Coordinator port on 127.0.0.1 (0: a free one).",
-                             lower_bound=0, upper_bound=65535)
-_PROCESS_TIMEOUT = flags.DEFINE_integer(
-    "process_timeout", processes.DEFAULT_TIMEOUT, "Passed to every process: seconds to "
-    "wait for the others to join, and without a heartbeat before one counts as lost.",
-    lower_bound=1)
+
+
+def define_flags(flag_values: flags.FlagValues) -> None:
+  """Defines the launcher's flags in ``flag_values`` (absl's FLAGS when it runs).
+
+  Only then: importing this module (for :func:`launch`) next to ``jrelu.train``, whose
+  ``--num_processes`` and ``--process_timeout`` it shares, defines no flag.
+  """
+  flags.DEFINE_integer("num_processes", 2, "Processes to start (>= 1).", lower_bound=1,
+                       flag_values=flag_values)
+  flags.DEFINE_string(
+      "program", "jrelu.train", "The Python module (python -m) or .py file each process "
+      "runs; it must accept --coordinator_address, --num_processes, --process_id and "
+      "--process_timeout.", flag_values=flag_values)
+  flags.DEFINE_integer("port", 0, "Coordinator port on 127.0.0.1 (0: a free one).",
+                       lower_bound=0, upper_bound=65535, flag_values=flag_values)
+  flags.DEFINE_integer(
+      "process_timeout", processes.DEFAULT_TIMEOUT, "Passed to every process: seconds to "
+      "wait for the others to join, and without a heartbeat before one counts as lost.",
+      lower_bound=1, flag_values=flag_values)
+
 # Beyond the processes' own bound, before the launcher ends a process that is left over.
 GRACE_SECONDS = 30
 
@@ -160,8 +169,9 @@ def main(argv):
   flags_after = argv[1:]
   if flags_after and flags_after[0] == "--":
     flags_after = flags_after[1:]
-  sys.exit(launch(_PROGRAM.value, _NUM_PROCESSES.value, flags_after, port=_PORT.value,
-                  timeout=_PROCESS_TIMEOUT.value))
+  values = flags.FLAGS
+  sys.exit(launch(values.program, values.num_processes, flags_after, port=values.port,
+                  timeout=values.process_timeout))
 
 
 def _parse_flags(argv):
@@ -184,4 +194,5 @@ def _parse_flags(argv):
 
 
 if __name__ == "__main__":
+  define_flags(flags.FLAGS)
   app.run(main, flags_parser=_parse_flags)

@@ -1,17 +1,17 @@
 """Jobs of several processes on JAX's distributed runtime, launched for real on loopback.
 
 One job of 2 processes x 4 CPU devices (``python -m jrelu.launch``) runs, in each
-process, ``experiment.run`` three times (tests/multiprocess_worker.py): sign majority vote
-under shard_map, PowerSGD under pmap, then QSGD two_phase under pmap, during which both
+process, ``experiment.run`` three times (tests/multiprocess_worker.py): QSGD two_phase
+under pmap, sign majority vote under shard_map, PowerSGD under pmap. Inside QSGD both
 processes hold at step 6 (after the checkpoint of step 4) and the test kills process 1
-with ``kill -9``. Process 0 must say so in one line and exit within the bound; the
-launcher exits non-zero. The same command, run again, finishes the two earlier runs at
-once (their last checkpoints) and resumes QSGD. Each run is then compared with the same
-run in this process on 8 devices: bit for bit (params, optax state, every metrics line)
-for QSGD two_phase and majority vote, whose collectives only move data; PowerSGD's
-``pmean`` adds 8 float32 numbers in another order under gloo than XLA's in-process
-all-reduce, so its numbers agree to float32 rounding, and a job of 1 process x 8 devices
-on the same runtime gives PowerSGD's 2 x 4 numbers bit for bit.
+with ``kill -9``: process 0 must say so in one line and exit within the bound, and the
+launcher must exit non-zero. The same command, run again, resumes QSGD and runs the other
+two. Each run is then compared with the same run in this process on 8 devices: bit for
+bit (params, optax state, every metrics line, the wire bits) for QSGD two_phase and
+majority vote, whose collectives only move data; PowerSGD's ``pmean`` adds 8 float32
+numbers in another order under gloo than XLA's in-process all-reduce, so its numbers
+agree to float32 rounding, and a job of 1 process x 8 devices on the same runtime gives
+PowerSGD's 2 x 4 numbers bit for bit.
 
 The join failures (a coordinator that never comes up, processes started with different
 ``--num_processes``) and the loss of process 0 (which hosts JAX's coordination service)
@@ -44,11 +44,11 @@ WORKER = str(REPO / "tests" / "multiprocess_worker.py")
 # in-process references compile what that module compiles.
 SMALL = dict(dim=20, num_samples=100, batch_size=16, learning_rate=0.1, num_steps=12,
              log_every=2, target_relative_error=0.0, num_devices=8)
-RUNS = {  # the order the worker runs them in; QSGD last, it is the one killed
+RUNS = {  # the order the worker runs them in: QSGD, the one killed, first
+    "qsgd": dict(SMALL, compressor="qsgd"),
     "sign": dict(SMALL, compressor="sign", aggregation="majority_vote",
                  learning_rate=0.01, parallel="shard_map"),
     "powersgd": dict(SMALL, compressor="powersgd"),
-    "qsgd": dict(SMALL, compressor="qsgd"),
 }
 CHECKPOINT_EVERY = 4
 HOLD_STEP = 6

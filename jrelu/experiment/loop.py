@@ -284,9 +284,9 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
   tx = make_tx(config, tx_key, n_dev)
   step = parallel.make_step(planted.loss, sampling.make_batch_fn(config.batch_size), tx,
                             metrics_fn=planted.metrics_fn)
-  state, w_star, batch_key = parallel.replicate(
+  state, truth, batch_key = parallel.replicate(
       (parallel.init_state(params, tx), w_star, batch_key), devices)
-  data = (segments, w_star)
+  data = (segments, truth)
 
   programs_depend_on = {k: v for k, v in identity.items()
                         if k not in ("num_steps", "target_relative_error", "log_every")}

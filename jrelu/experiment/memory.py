@@ -92,7 +92,7 @@ def check_memory(config: Config, devices) -> None:
   Example:
     >>> check_memory(Config(dim=100_000_000), jax.devices())
     ConfigError: dim=100000000, num_samples=4000, batch_size=1024 on 8 devices need
-    about 1.42e+04 GiB host (estimated), but 16.7 GiB is available; lower dim or ...
+    about 2.28e+03 GiB host (estimated), but 16.7 GiB is available; lower dim or ...
   """
   need = estimate_memory_bytes(config, len(devices))
   have = available_memory_bytes(devices)
