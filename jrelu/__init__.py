@@ -13,6 +13,7 @@ from jrelu import network
 from jrelu import parallel
 from jrelu import planted
 from jrelu import powersgd
+from jrelu import processes
 from jrelu import sampling
 from jrelu import wire
 from jrelu.transforms import CompressState, ErrorFeedbackState, compress, error_feedback
@@ -22,4 +23,4 @@ __version__ = "0.1.0"
 
 __all__ = ["CompressState", "ErrorFeedbackState", "WireCostWarning", "aggregation", "checkpoint",
            "compress", "compressors", "easgd", "error_feedback", "experiment", "network",
-           "parallel", "planted", "powersgd", "qsgd", "sampling", "signum", "wire"]
+           "parallel", "planted", "powersgd", "processes", "qsgd", "sampling", "signum", "wire"]

@@ -27,14 +27,29 @@ import jax
 import numpy as np
 
 from jrelu import _checks
+from jrelu import processes
 
 
-def _manager(directory: str, keep: int = 1):
+def _manager(directory: str, keep: int = 1, *, collective: bool = False):
+  """An orbax CheckpointManager of ``directory``.
+
+  With several processes (``jrelu.processes``), a ``collective`` manager spans all of
+  them (every process must make it and call it; process 0 writes); any other manager
+  reads for this process alone, so that reading needs no other process.
+  """
   # Imported here: orbax takes about 1.3 s to import, which ``import jrelu`` need not pay.
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=False,
-      cleanup_tmp_directories=True)
+  if processes.num_processes() > 1 and not collective:
+    me = processes.process_id()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=False, enable_async_checkpointing=False,
+        cleanup_tmp_directories=False,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}))
+  else:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=False,
+        cleanup_tmp_directories=True)
   return ocp, ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -51,7 +66,10 @@ def save(directory: str, step: int, tree, metadata: dict | None = None, *,
     step: int >= 0, the checkpoint's step number. Saving a step that already exists
       does nothing (the checkpoint of a step never changes).
     tree: pytree of arrays (numpy or jax, typed PRNG keys included), e.g.
-      ``(params, opt_state)``; sharded jax arrays are gathered to the host.
+      ``(params, opt_state)``; sharded jax arrays are gathered to the host. With several
+      processes (``jrelu.processes``) every process calls ``save`` with its part of the
+      same global arrays; they are all-gathered and process 0 alone writes them
+      (orbax's multi-process save of host arrays).
     metadata: JSON-able dict stored next to it (default ``{}``).
     keep: int >= 1, how many of the latest checkpoints to keep; older ones are deleted.
 
@@ -64,13 +82,13 @@ def save(directory: str, step: int, tree, metadata: dict | None = None, *,
   """
   _checks.integer("step", step, 0)
   _checks.integer("keep", keep)
-  ocp, manager = _manager(directory, keep)
+  ocp, manager = _manager(directory, keep, collective=True)
   try:
     if step in manager.all_steps():
       return
     leaves = jax.tree_util.tree_leaves(tree)
-    arrays = {str(i): np.asarray(jax.device_get(
-        jax.random.key_data(leaf) if _is_key(leaf) else leaf))
+    arrays = {str(i): processes.host_array(
+        jax.random.key_data(leaf) if _is_key(leaf) else leaf)
               for i, leaf in enumerate(leaves)}
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeSave(arrays), metadata=ocp.args.JsonSave(metadata or {})))
@@ -130,14 +148,19 @@ def restore(directory: str, like, step: int | None = None):
   out = []
   for i, leaf in enumerate(leaves):
     value = np.asarray(arrays[str(i)])
-    expected = jax.random.key_data(leaf) if _is_key(leaf) else np.asarray(leaf)
+    expected = (jax.eval_shape(jax.random.key_data, leaf) if _is_key(leaf)
+                else np.asarray(leaf) if not isinstance(leaf, jax.Array) else leaf)
     if value.shape != expected.shape or value.dtype != expected.dtype:
       raise ValueError(f"checkpoint {step} in {directory}: array {i} is {value.dtype}"
                        f"{list(value.shape)}, the state's is {expected.dtype}"
                        f"{list(expected.shape)}")
+    spread = isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
+    if spread:  # over several processes: each places the shards of its own devices
+      value = jax.make_array_from_callback(value.shape, leaf.sharding,
+                                           lambda index, v=value: v[index])
     if _is_key(leaf):
       value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(leaf))
-    if isinstance(leaf, jax.Array):
+    if isinstance(leaf, jax.Array) and not spread:
       value = jax.device_put(value, leaf.sharding)
     out.append(value)
   return jax.tree_util.tree_unflatten(treedef, out), dict(restored["metadata"])

@@ -46,6 +46,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jrelu import _checks
+from jrelu import processes
 
 AXIS_NAME = "data"
 WRAPPERS = ("pmap", "shard_map")
@@ -147,11 +148,62 @@ def pmapped(fn: Callable, devices, axis_name: str = AXIS_NAME):
     A function whose arguments and results carry a leading axis of size N (build the
     inputs with :func:`replicate`).
 
+  With devices of several processes (``jrelu.processes``), ``jax.pmap`` itself takes and
+  returns each process's local slices; the function returned here keeps the interface of
+  :func:`shard_mapped` instead: global arrays in, global arrays out (each process passes
+  and receives the same arrays, and touches the shards of its own devices only).
+
   Example:
     >>> run = pmapped(scan_steps(step, 100), devices)
     >>> state, metrics = run(*replicate((state, data, key), devices))
   """
-  return jax.pmap(fn, axis_name=axis_name, devices=list(devices))
+  devices = list(devices)
+  mapped = jax.pmap(fn, axis_name=axis_name, devices=devices)
+  if all(d.process_index == jax.process_index() for d in devices):
+    return mapped
+  return _GlobalPmap(mapped, devices)
+
+
+class _GlobalPmap:
+  """A ``jax.pmap`` over the devices of several processes, on global arrays.
+
+  Arguments spread over processes become this process's local slices (its devices'
+  shards, no copy) before the call; the local results become global arrays again.
+  """
+
+  def __init__(self, mapped, devices):
+    self._mapped = mapped
+    self._local = [d for d in devices if d.process_index == jax.process_index()]
+    self._local_sharding = _axis_sharding(self._local)
+    self._global_sharding = _axis_sharding(devices)
+    self._size = len(devices)
+
+  def _to_local(self, leaf):
+    if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
+      return leaf
+    shards = {s.device: s.data for s in leaf.addressable_shards}
+    return jax.make_array_from_single_device_arrays(
+        (len(self._local),) + leaf.shape[1:], self._local_sharding,
+        [shards[d] for d in self._local])
+
+  def _to_global(self, leaf):
+    shards = {s.device: s.data for s in leaf.addressable_shards}
+    return jax.make_array_from_single_device_arrays(
+        (self._size,) + leaf.shape[1:], self._global_sharding,
+        [shards[d] for d in self._local])
+
+  def __call__(self, *args):
+    out = self._mapped(*jax.tree_util.tree_map(self._to_local, args))
+    return jax.tree_util.tree_map(self._to_global, out)
+
+  def lower(self, *args):
+    return self._mapped.lower(*jax.tree_util.tree_map(self._to_local, args))
+
+
+def _axis_sharding(devices) -> NamedSharding:
+  """Axis 0 split over ``devices`` in order (the layout of :func:`replicate`)."""
+  return NamedSharding(Mesh(np.asarray(list(devices)), ("devices",)),
+                       PartitionSpec("devices"))
 
 
 def shard_mapped(fn: Callable, devices, axis_name: str = AXIS_NAME):
@@ -252,7 +304,8 @@ def shard(tree, devices):
   """Places slice i of every leaf of ``tree`` (split along axis 0) on device i.
 
   For data that each device should hold only its part of, e.g.
-  ``jrelu.sampling.split_segments(dataset, N)`` under :func:`pmapped`.
+  ``jrelu.sampling.split_segments(dataset, N)`` under :func:`pmapped`. With several
+  processes, each places the slices of its own devices (the other slices are not read).
 
   Args:
     tree: pytree of arrays with a leading axis of size N.
@@ -272,7 +325,8 @@ def shard(tree, devices):
     if leaf.ndim == 0 or leaf.shape[0] != len(devices):
       raise ValueError(f"shard needs a leading axis of size {len(devices)}, got shape "
                        f"{leaf.shape}")
-    shards = [jax.device_put(leaf[i:i + 1], d) for i, d in enumerate(devices)]
+    shards = [jax.device_put(leaf[i:i + 1], d) for i, d in enumerate(devices)
+              if d.process_index == jax.process_index()]
     return jax.make_array_from_single_device_arrays(leaf.shape, sharding, shards)
 
   return jax.tree_util.tree_map(put, tree)
@@ -292,7 +346,9 @@ def wrap(parallel: str, fn: Callable, devices, axis_name: str = AXIS_NAME):
 def replicate(tree, devices):
   """Places one copy of every leaf of ``tree`` on each device, stacked on a new axis 0.
 
-  Each device receives its copy directly (no N-fold array is built on one device).
+  Each device receives its copy directly (no N-fold array is built on one device). With
+  several processes (``jrelu.processes``), ``devices`` may be global: each process places
+  the copies of its own devices, from its own ``tree`` (the same in every process).
 
   Args:
     tree: pytree of arrays (typed PRNG keys included).
@@ -306,7 +362,8 @@ def replicate(tree, devices):
 
   def put(leaf):
     leaf = jnp.asarray(leaf)
-    shards = [jax.device_put(leaf[None], d) for d in devices]
+    shards = [jax.device_put(leaf[None], d) for d in devices
+              if d.process_index == jax.process_index()]
     return jax.make_array_from_single_device_arrays(
         (len(devices),) + leaf.shape, sharding, shards)
 
@@ -414,6 +471,8 @@ def setup_devices(num_devices: int | None = None):
   if num_devices is not None and num_devices > MAX_CPU_DEVICES:
     raise ValueError(f"num_devices must be at most {MAX_CPU_DEVICES} (each simulated "
                      f"device holds a copy of the data), got {num_devices}")
+  if processes.num_processes() > 1:
+    return _setup_job_devices(num_devices)
   wanted_cpu = num_devices or DEFAULT_CPU_DEVICES
   _reserve_cpu_client_threads(max(wanted_cpu, jax.config.jax_num_cpu_devices))
   try:
@@ -430,3 +489,29 @@ def setup_devices(num_devices: int | None = None):
         "can be used"
         + ("; set jax_num_cpu_devices before any JAX computation" if backend == "cpu" else ""))
   return available[:wanted]
+
+
+def _setup_job_devices(num_devices: int | None):
+  """:func:`setup_devices` in a job of several processes (``jrelu.processes``).
+
+  Returns every device of every process (``jax.devices()``), which the job trains on. On
+  CPU each process simulates ``num_devices / num_processes`` of them (default: 8 in all,
+  or 8 // num_processes each when that does not divide).
+  """
+  count = processes.num_processes()
+  per_process = num_devices // count if num_devices else max(1, DEFAULT_CPU_DEVICES // count)
+  _reserve_cpu_client_threads(max(per_process, 1))
+  try:
+    jax.config.update("jax_num_cpu_devices", max(per_process, 1))
+  except RuntimeError:
+    pass  # backends already started; the count check below explains what to do
+  available = jax.devices()
+  if num_devices is not None and num_devices != len(available):
+    if jax.default_backend() == "cpu" and num_devices % count:
+      raise ValueError(f"num_devices={num_devices} is not divisible by the {count} "
+                       "processes (each process simulates as many CPU devices)")
+    raise ValueError(
+        f"num_devices={num_devices} asked for, but the {count} processes have "
+        f"{len(available)} {jax.default_backend()} devices together; a job of several "
+        "processes trains on all of them")
+  return available

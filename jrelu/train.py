@@ -24,13 +24,20 @@ A flag that the chosen compressor, schedule or algorithm does not use is an erro
 ``--lr_schedule=constant``, ``--aggregation`` with ``--compressor=powersgd``, ``--tau``
 with ``--algorithm=sgd``), never silently ignored.
 
+Several processes form one job with ``--coordinator_address``, ``--num_processes`` and
+``--process_id`` (or a cluster's environment, e.g. SLURM's ``srun``; ``python -m
+jrelu.launch`` starts them on one machine): their devices are one data-parallel axis, and
+process 0 writes the files (``jrelu.processes``; README, "Running on several processes or
+hosts").
+
 Writes ``WORKDIR/metrics.jsonl``, ``WORKDIR/summary.json``, ``WORKDIR/checkpoints/`` and,
 when matplotlib is installed, ``WORKDIR/relative_error.png``. Running again with the same
 ``--workdir`` and flags resumes from the latest checkpoint (other flags are refused, naming
 them; ``--fresh`` starts over). Exit status: 2 for bad flags, a workdir in use or holding
 another run; 1 for NaN or Inf (the step is named) or a file that cannot be written (named);
 130 / 143 after SIGINT / SIGTERM, which stop at the end of the current chunk with a
-checkpoint and ``"status": "interrupted"``. Each failure is one line on stderr.
+checkpoint and ``"status": "interrupted"``; 3 when another process of the job was lost
+(within ``--process_timeout`` seconds). Each failure is one line on stderr.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from absl import flags
 from absl import logging
 
 from jrelu import experiment
+from jrelu import processes
 
 PROG = "jrelu.train"
 _WORKDIR = flags.DEFINE_string("workdir", "runs/latest", "Where metrics and summary go.")
@@ -59,6 +67,20 @@ _KEEP_CHECKPOINTS = flags.DEFINE_integer(
 _FRESH = flags.DEFINE_bool(
     "fresh", False, "Delete an earlier run's files in --workdir (each one is logged) "
     "instead of resuming it.")
+# Several processes (jrelu.processes; python -m jrelu.launch starts them on one machine).
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, where JAX's coordination "
+    "service listens; the same for every process. With --num_processes and --process_id "
+    "(or, all three absent, the cluster's environment: SLURM, Open MPI) the processes "
+    "form one job whose devices are one data-parallel axis.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in the job (the same for every process).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in [0, --num_processes); 0 writes the files.")
+_PROCESS_TIMEOUT = flags.DEFINE_integer(
+    "process_timeout", processes.DEFAULT_TIMEOUT, "Seconds to wait for the other processes "
+    "to join, and without a heartbeat from one before it counts as lost (then every "
+    "other process exits with one line naming it).")
 
 
 def define_config_flags(flag_values=flags.FLAGS) -> None:
@@ -101,7 +123,8 @@ def config_from_flags(flag_values=flags.FLAGS) -> experiment.Config:
 def as_flags(message: str) -> str:
   """Rewrites the ``name=value`` settings of a ConfigError message as ``--name=value``."""
   names = "|".join(f.name for f in dataclasses.fields(experiment.Config))
-  return re.sub(rf"(?<![\w-])({names}|workdir|fresh|checkpoint_every|keep_checkpoints)=",
+  return re.sub(rf"(?<![\w-])({names}|workdir|fresh|checkpoint_every|keep_checkpoints"
+                r"|coordinator_address|num_processes|process_id|process_timeout)=",
                 r"--\1=", message)
 
 
@@ -133,18 +156,41 @@ def main(argv):
     _fail(f"unexpected arguments {argv[1:]}; every setting is a --flag", 2)
   if not _WORKDIR.value:
     _fail("flag --workdir: must not be empty", 2)
+  if _PROCESS_TIMEOUT.value < 1:
+    _fail(f"flag --process_timeout={_PROCESS_TIMEOUT.value}: must be at least 1", 2)
   try:
-    summary = experiment.run(config_from_flags(), _WORKDIR.value,
+    config = config_from_flags()
+    processes.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value, timeout=_PROCESS_TIMEOUT.value, prog=PROG)
+  except experiment.ConfigError as e:
+    _fail(as_flags(str(e)), 2)
+  except processes.ProcessError as e:
+    _fail(as_flags(str(e)), 2)
+  error = None
+  try:
+    summary = experiment.run(config, _WORKDIR.value,
                              checkpoint_every=_CHECKPOINT_EVERY.value,
                              keep_checkpoints=_KEEP_CHECKPOINTS.value, fresh=_FRESH.value)
   except experiment.ConfigError as e:
-    _fail(as_flags(str(e)), 2)
+    error = (as_flags(str(e)), 2)
   except (experiment.DivergedError, experiment.WriteError) as e:
-    _fail(str(e), 1)
+    error = (str(e), 1)
   except experiment.Interrupted as e:
-    _fail(str(e), 128 + e.signum)
+    error = (str(e), 128 + e.signum)
   except KeyboardInterrupt:
-    _fail("interrupted by a second SIGINT, without a checkpoint of the current chunk", 130)
+    error = ("interrupted by a second SIGINT, without a checkpoint of the current chunk",
+             130)
+  except processes.ProcessFailed as e:
+    error = (str(e), 1)
+  except Exception:  # pylint: disable=broad-except
+    # Inside a job of several processes, a failed collective usually means a lost
+    # process: give the watchdog the time to name it instead of a traceback.
+    processes.wait_for_lost_process()
+    raise
+  # Several processes leave together (a bounded wait; a lost one is reported).
+  processes.finish()
+  if error is not None:
+    _fail(*error)
   logging.info("done: %s after %d steps, relative_error %.3e, %.0f steps/s, summary in %s",
                summary["status"], summary["steps"], summary["relative_error"],
                summary["steps_per_second"] or 0.0,

@@ -14,6 +14,7 @@ from absl import flags
 import pytest
 
 from benchmarks import compressors as compressors_binary
+from benchmarks import processes as processes_binary
 from benchmarks.reproduce import __main__ as reproduce_binary
 from benchmarks.step_throughput import __main__ as binary
 from benchmarks.step_throughput import settings
@@ -122,7 +123,27 @@ def test_flags_give_the_settings_of_the_modes():
 
 def test_the_binaries_import_into_one_process_and_define_flags_only_when_asked():
   # Their flag names overlap (--outdir, --quick, --sections; --seed with jrelu.train).
-  for module in (binary, reproduce_binary, compressors_binary):
+  for module in (binary, reproduce_binary, compressors_binary, processes_binary):
     values = helpers.benchmark_flags(module)
     assert values.outdir == f"runs/{module.PROG.split('.')[1]}"
   assert "outdir" not in flags.FLAGS
+
+
+def test_processes_binary_runs_valid_jrelu_train_flags():
+  # benchmarks.processes only launches jrelu.train; its runs' flags parse into a Config.
+  from jrelu import train  # pylint: disable=g-import-not-at-top
+  values = helpers.benchmark_flags(processes_binary, "--num_steps=10", "--dim=100")
+  argv = processes_binary.train_flags(values, "runs/x", 8)
+  parsed = flags.FlagValues()
+  train.define_config_flags(parsed)
+  for name in ("workdir", "checkpoint_every"):
+    flags.DEFINE_string(name, None, "", flag_values=parsed)
+  flags.DEFINE_bool("fresh", False, "", flag_values=parsed)
+  parsed(["jrelu.train", *argv])
+  config = train.config_from_flags(parsed)
+  assert (config.num_steps, config.dim, config.num_devices) == (10, 100, 8)
+  row = {"processes": 2, "devices_per_process": 4, "steps_per_second": 40.0,
+         "ms_per_step": 25.0, "wire_bits_per_step_per_device_by_process": [7616.0] * 2,
+         "relative_error": 1e-5}
+  assert processes_binary.markdown([row]).splitlines()[-1] == (
+      "| 2 x 4 | 40 | 25.00 | 7616, 7616 | 1.000e-05 |")

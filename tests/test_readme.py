@@ -6,8 +6,9 @@
   threads that ``jrelu.parallel.setup_devices`` gives (conftest.py calls it), from a
   temporary directory so that files they write do not land in the repository.
 * Shell blocks and the flags in README's tables are not run (they train for minutes):
-  every ``python -m jrelu.train ...`` command and every table cell of flags goes through
-  the binary's own flag definitions and parser into a validated ``experiment.Config``;
+  every ``python -m jrelu.train ...`` command (and the flags after ``--`` of every
+  ``python -m jrelu.launch ...``) and every table cell of flags goes through the binary's
+  own flag definitions and parser into a validated ``experiment.Config``;
   every ``make`` target exists in the Makefile; every ``python -m`` module exists; every
   ``pip install`` extra exists in pyproject.toml.
 
@@ -119,6 +120,8 @@ def test_shell_commands_and_table_flags_are_valid():
       assert set(argv[1:]) <= targets, argv
     elif argv[:3] == ["python", "-m", "jrelu.train"]:
       _train_config(argv[3:])
+    elif argv[:3] == ["python", "-m", "jrelu.launch"]:  # its flags, then jrelu.train's
+      _train_config(argv[argv.index("--") + 1:])
     elif argv[:2] == ["pip", "install"]:
       for spec in argv[2:]:
         for extra in re.findall(r"\[([\w,]+)\]", spec):
@@ -128,7 +131,9 @@ def test_shell_commands_and_table_flags_are_valid():
     assert importlib.util.find_spec(module) is not None, module
   assert len(TABLE_FLAGS) >= 20, TABLE_FLAGS
   names = set(_train_flags()) | {holder.name for holder in (
-      train._CHECKPOINT_EVERY, train._KEEP_CHECKPOINTS, train._FRESH)}  # run arguments
+      train._CHECKPOINT_EVERY, train._KEEP_CHECKPOINTS, train._FRESH,  # run arguments
+      train._COORDINATOR_ADDRESS, train._NUM_PROCESSES, train._PROCESS_ID,  # processes
+      train._PROCESS_TIMEOUT)}
   for cell in TABLE_FLAGS:
     if re.fullmatch(r"--\w+", cell):  # a flag named in prose, e.g. `--log_every`
       assert cell[2:] in names, cell

@@ -156,14 +156,14 @@ def test_unusable_jax_platforms_gives_one_line(tmp_path):
 
 
 def test_memory_estimate():
-  # The data set dominates: 4 bytes x num_samples x (dim + 1), plus w_star, on the host
-  # and on each device; each device adds its batch twice, a sampler permutation and 8
-  # parameter-sized vectors.
+  # Each device holds its segment of the data set, 4 bytes x num_samples / N x (dim + 1),
+  # its batch twice, a sampler permutation and 9 parameter-sized vectors; the host holds
+  # w_star.
   config = experiment.Config(dim=1000, num_samples=4000, batch_size=1024)
-  dataset = 4 * (4000 * 1001 + 1000)
+  segment = 4 * 500 * 1001
   assert experiment.estimate_memory_bytes(config, 8) == {
-      "host_bytes": dataset,
-      "per_device_bytes": dataset + 2 * 4 * 128 * 1000 + 4 * 4000 + 8 * 4 * 1000}
+      "host_bytes": 4 * 1000,
+      "per_device_bytes": segment + 2 * 4 * 128 * 1000 + 4 * 4000 + 9 * 4 * 1000}
   have = experiment.available_memory_bytes()
   assert have["host_bytes"] > 0 and have["device_bytes"] is None
 

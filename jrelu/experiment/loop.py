@@ -31,9 +31,11 @@ from jrelu import easgd
 from jrelu import parallel
 from jrelu import planted
 from jrelu import powersgd
+from jrelu import processes
+from jrelu import sampling
 from jrelu import wire
-from jrelu.experiment.config import (Config, ConfigError, INT32_WHY, checked, describe, make_codec,
-                                     make_step, predicted_wire_bits, resolve,
+from jrelu.experiment.config import (SGD, Config, ConfigError, INT32_WHY, checked, describe,
+                                     make_codec, make_step, predicted_wire_bits, resolve,
                                      steps_per_exchange)
 from jrelu.experiment import files
 from jrelu.experiment import memory
@@ -181,35 +183,125 @@ def run(config: Config, workdir: str, *, devices=None,
       raise ConfigError("num_levels", f"num_levels={config.num_levels}, aggregation="
                         f"'integer_psum': {e}") from None
   memory.check_memory(config, devices)
-  files.check_workdir(workdir)
-  lock = files.lock(workdir)
+  lock = _on_writer(lambda: (files.check_workdir(workdir), files.lock(workdir))[1])
   try:
     with _StopSignals(handle_signals) as stop:
       return _run_locked(config, workdir, devices, callbacks, checkpoint_every,
                          keep_checkpoints, fresh, stop)
   finally:
-    lock.close()
+    if lock is not None:
+      lock.close()
+
+
+def _on_writer(work: Callable):
+  """``work()`` on the process that writes the run's files; its error on every process.
+
+  With one process this is ``work()``. With several (``jrelu.processes``), process 0
+  runs it and tells the others whether it failed, so that every process raises the same
+  ConfigError (or stops) instead of waiting for the others in a collective. Returns
+  ``work()``'s result on process 0 and None on the others.
+  """
+  if processes.num_processes() == 1:
+    return work()
+  result, error = None, None
+  if processes.is_writer():
+    try:
+      result = work()
+    except ConfigError as e:
+      error = {"field": e.field, "message": str(e)}
+      processes.broadcast(error, "error")
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # told to the others, re-raised
+      processes.broadcast({"field": None, "message": f"{type(e).__name__}: {e}"}, "error")
+      raise
+  error = processes.broadcast(error, "error")
+  if error is not None:
+    if error["field"] is None:
+      raise processes.ProcessFailed(f"process 0 failed: {error['message']}")
+    raise ConfigError(error["field"], error["message"])
+  return result
+
+
+def _device_losses(loss) -> np.ndarray:
+  """float32 ``[N, steps]``: every device's losses of a chunk, in device order.
+
+  With several processes each reads its devices' rows and the processes exchange them as
+  JSON numbers through the coordination service (exact for float32, and no program to
+  compile for a few numbers per device).
+  """
+  if loss.is_fully_addressable:
+    return np.asarray(loss)
+  mine = {s.index[0].start: np.asarray(s.data)[0].tolist() for s in loss.addressable_shards}
+  rows = {}
+  for part in processes.allgather({str(k): v for k, v in mine.items()}, "losses"):
+    rows.update(part)
+  return np.asarray([rows[str(i)] for i in range(loss.shape[0])], np.float32)
+
+
+def _problem(config: Config, devices):
+  """``(w_star, data, params)``: the planted problem, each device holding its segment.
+
+  EASGD, EAMSGD and DOWNPOUR workers sample the whole data set (``jrelu.easgd``), so
+  there ``data`` is the whole ``jrelu.sampling.Dataset`` on every device (each process
+  draws it, the same rows, and places the copies of its own devices). For SGD the data set's rows are drawn on the devices, each device drawing only the rows of
+  its own segment (``jrelu.sampling.Segments``, ``n // N`` consecutive rows), so that a
+  process never holds more than its devices' rows. JAX's partitionable threefry makes
+  row ``i`` the same whatever the devices and processes: the segments equal
+  ``split_segments(planted.sample_dataset(...), N)`` on one device. The ``moment`` init
+  ``(2 / (N L)) sum y_i x_i`` sums the stored ``N L`` rows (``n % N`` are never read by the
+  sampler either) in a fixed order: each device's partial sum, gathered, then added on the
+  host in device order, so every layout of processes computes the same float32 numbers.
+  """
+  key = jax.random.key(config.seed)
+  w_key, data_key, init_key, _, _ = jax.random.split(key, 5)
+  w_star = planted.sample_w_star(w_key, config.dim)
+  n_dev = len(devices)
+  if config.algorithm != SGD:
+    dataset = planted.sample_dataset(data_key, w_star, config.num_samples, config.noise_std)
+    params = planted.init_params(init_key, (dataset, w_star), config.init)
+    return w_star, parallel.replicate(dataset, devices), params
+  rows = n_dev * (config.num_samples // n_dev)
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(devices), ("devices",)),
+                                        jax.sharding.PartitionSpec("devices"))
+
+  def draw(w):
+    return sampling.split_segments(
+        planted.sample_dataset(data_key, w, rows, config.noise_std), n_dev)
+
+  segments = jax.jit(draw, out_shardings=sampling.Segments(sharding, sharding))(w_star)
+  if config.init == "moment":
+    partial = jax.jit(lambda s: jax.vmap(lambda x, y: y @ x)(s.x, s.y),
+                      out_shardings=sharding)(segments)
+    partials = processes.host_array(partial)
+    total = partials[0]
+    for p in partials[1:]:
+      total = total + p
+    params = jax.numpy.asarray((np.float32(2.0) / np.float32(rows)) * total)
+  else:
+    shape = sampling.Dataset(jax.ShapeDtypeStruct((rows, config.dim), np.float32), None)
+    params = planted.init_params(init_key, (shape, w_star), config.init)
+  return w_star, segments, params
 
 
 def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_checkpoints,
                 fresh, stop):
   """:func:`run` once the workdir is locked."""
   n_dev = len(devices)
+  writer = processes.is_writer()
   identity = files.identity(config, n_dev)
-  resumed = files.prepare(workdir, identity, fresh)
+  resumed = processes.broadcast(
+      _on_writer(lambda: files.prepare(workdir, identity, fresh)), "resumed")
   ckpt_dir = os.path.join(workdir, files.CHECKPOINT_DIR)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   summary_path = os.path.join(workdir, "summary.json")
 
-  key = jax.random.key(config.seed)
-  w_key, data_key, init_key, tx_key, batch_key = jax.random.split(key, 5)
-  w_star = planted.sample_w_star(w_key, config.dim)
-  dataset = planted.sample_dataset(data_key, w_star, config.num_samples, config.noise_std)
-  params = planted.init_params(init_key, (dataset, w_star), config.init)
+  _, _, _, tx_key, batch_key = jax.random.split(jax.random.key(config.seed), 5)
+  w_star, dataset, params = _problem(config, devices)
   step, init_state = make_step(config, tx_key, n_dev, loss_fn=planted.loss,
                                metrics_fn=planted.metrics_fn)
-  state, data, batch_key = parallel.replicate(
-      (init_state(params), (dataset, w_star), batch_key), devices)
+  state, truth, batch_key = parallel.replicate(
+      (init_state(params), w_star, batch_key), devices)
+  data = (dataset, truth)
 
   programs_depend_on = {k: v for k, v in identity.items()
                         if k not in ("num_steps", "target_relative_error", "log_every")}
@@ -221,6 +313,8 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
       parallel.wrap(config.parallel, step, devices), state, data, batch_key))
   tau = steps_per_exchange(config)
   sent_per_step = bits.sent_bits / tau
+  # Every process reads the bits from its own compiled program.
+  bits_by_process = [b / tau for b in processes.allgather(bits.sent_bits, "wire_bits")]
   float32_bits = aggregation.float32_allreduce_bits((config.dim,), n_dev)
   codec = make_codec(config, n_dev)
   initial_error = float(planted.relative_error(params, w_star))
@@ -248,6 +342,8 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
       "run_seconds": 0.0,
       "checkpoint_seconds": 0.0,
       "num_devices": n_dev,
+      "num_processes": processes.num_processes(),
+      "wire_bits_per_step_per_device_by_process": bits_by_process,
       "jax_version": jax.__version__,
       "backend": jax.default_backend(),
   }
@@ -262,12 +358,14 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
     summary.pop("interrupted_at_step", None)
     summary.pop("signal", None)
     lines = "".join(json.dumps(r) + "\n" for r in history)
-    files.writing(metrics_path, lambda: files.write_text(metrics_path, lines))
+    if writer:
+      files.writing(metrics_path, lambda: files.write_text(metrics_path, lines))
     logging.info("resuming run %s from its checkpoint at step %d", summary["run_id"],
                  summary["steps"])
-  else:
+  elif writer:
     files.writing(metrics_path, lambda: files.write_text(metrics_path, ""))
-  files.writing(summary_path, lambda: files.write_json(summary_path, summary))
+  if writer:
+    files.writing(summary_path, lambda: files.write_json(summary_path, summary))
   if bits.sent_bits:
     logging.info("wire: %.0f bits per step per device (float32 all-reduce: %.0f, %.1fx fewer)%s",
                  sent_per_step, float32_bits, summary["compression_ratio"],
@@ -289,9 +387,12 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
     summary["checkpoint_seconds"] += time.perf_counter() - start
 
   finished = False
+  # A stop signal any process received, once every process knows it (they agree at each
+  # chunk boundary, so that all of them stop at the same step).
+  signum = next((s for s in processes.allgather(stop.signum, "signal") if s), None)
   try:
     while (summary["steps"] < config.num_steps and summary["status"] == "running"
-           and stop.signum is None):
+           and signum is None):
       length = min(config.log_every, config.num_steps - summary["steps"])
       start = time.perf_counter()
       program = _cached(cache_key + (length,), lambda: parallel.wrap(
@@ -300,8 +401,10 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
       summary["compile_seconds"] += time.perf_counter() - start
       start = time.perf_counter()
       new_state, metrics = program(state, data, batch_key)
-      errors = np.asarray(metrics["relative_error"][0])
-      losses = np.asarray(metrics["loss"]).mean(axis=0)
+      # Every device holds the same params, hence the same error; the loss is the mean
+      # of every device's (all-gathered when devices of other processes hold some).
+      errors = np.asarray(metrics["relative_error"].addressable_shards[0].data)[0]
+      losses = _device_losses(metrics["loss"]).mean(axis=0)
       elapsed = time.perf_counter() - start
       summary["run_seconds"] += elapsed
       first = summary["steps"]
@@ -333,19 +436,21 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
             "run_id": summary["run_id"],
         }
         history.append(record)
-        files.append_line(metrics_path, json.dumps(record))
+        if writer:
+          files.append_line(metrics_path, json.dumps(record))
         logging.info("step %d/%d  relative_error %.3e  loss %.3e  %.0f steps/s",
                      record["step"], config.num_steps, record["relative_error"],
                      record["loss"], record["steps_per_second"])
         for callback in callbacks:
           callback(record)
+      signum = next((s for s in processes.allgather(stop.signum, "signal") if s), None)
       if (summary["status"] != "diverged" and summary["steps"] // checkpoint_every
           > (summary["checkpoint_step"] or 0) // checkpoint_every):
         save_checkpoint()
-    if stop.signum is not None and summary["status"] == "running":
+    if signum is not None and summary["status"] == "running":
       summary["status"] = "interrupted"
       summary["interrupted_at_step"] = summary["steps"]
-      summary["signal"] = signal.Signals(stop.signum).name
+      summary["signal"] = signal.Signals(signum).name
     elif summary["status"] == "running":
       summary["status"] = "finished"
     if summary["status"] != "diverged":
@@ -357,8 +462,9 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
     if summary["run_seconds"] > 0:
       summary["steps_per_second"] = summary["steps"] / summary["run_seconds"]
     try:
-      files.writing(summary_path, lambda: files.write_json(summary_path, summary))
-      _plot(history, summary, workdir)
+      if writer:
+        files.writing(summary_path, lambda: files.write_json(summary_path, summary))
+        _plot(history, summary, workdir)
     except files.WriteError as e:
       if finished:
         raise
@@ -368,7 +474,7 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
   if summary["status"] == "diverged":
     raise DivergedError(summary["diverged_at_step"], workdir)
   if summary["status"] == "interrupted":
-    raise Interrupted(stop.signum, summary["steps"], config.num_steps)
+    raise Interrupted(signum, summary["steps"], config.num_steps)
   return summary
 
 

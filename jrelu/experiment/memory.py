@@ -5,19 +5,20 @@ from __future__ import annotations
 import os
 
 from jrelu import _checks
-from jrelu.experiment.config import Config, ConfigError
+from jrelu.experiment.config import SGD, Config, ConfigError
 
 def estimate_memory_bytes(config: Config, num_devices: int) -> dict:
   """The memory a run of ``config`` on ``num_devices`` devices needs, estimated in bytes.
 
   Counts the float32 arrays that live through the run, from their shapes (no
-  allocation): the data set (``x``: ``num_samples x dim``, ``y`` and ``w_star``), which is
-  sampled once on the host and copied to every device; per device, its batch
+  allocation): ``w_star`` on the host; per device, its segment of the data set (``x``:
+  ``num_samples / N x dim`` and ``y``, drawn on the device itself; the whole data set for
+  EASGD, EAMSGD and DOWNPOUR, whose workers sample all of it), its batch
   (``batch_size / N x dim``, twice: the rows and the gradient's product with them), a
-  sampler permutation of ``num_samples`` int32, and 8 parameter-sized vectors (params,
-  gradient, momentum, error-feedback residual, code, decoded mean, update, spare). XLA's
-  temporaries and the compiled programs are not counted: the estimate is a lower bound
-  meant to refuse a config that cannot fit, before it allocates.
+  sampler permutation of ``num_samples`` int32, and 9 parameter-sized vectors (``w_star``,
+  params, gradient, momentum, error-feedback residual, code, decoded mean, update, spare).
+  XLA's temporaries and the compiled programs are not counted: the estimate is a lower
+  bound meant to refuse a config that cannot fit, before it allocates.
 
   Args:
     config: the run's settings.
@@ -25,17 +26,18 @@ def estimate_memory_bytes(config: Config, num_devices: int) -> dict:
 
   Returns:
     ``{"host_bytes": ..., "per_device_bytes": ...}``; on CPU the devices share host
-    memory, so the total there is ``host_bytes + N * per_device_bytes``.
+    memory, so the total there is ``host_bytes + N * per_device_bytes`` (with several
+    processes, each host holds its own devices' share).
 
   Example:
-    >>> estimate_memory_bytes(Config(), 8)["per_device_bytes"]   # 4000 x 1000 data set
-    16120000
+    >>> estimate_memory_bytes(Config(), 8)["per_device_bytes"]   # 500 rows of d = 1000
+    3078000
   """
   n_dev = _checks.integer("num_devices", num_devices)
   d, n = config.dim, config.num_samples
-  dataset = 4 * (n * (d + 1) + d)
-  per_device = dataset + 2 * 4 * (config.batch_size // n_dev) * d + 4 * n + 8 * 4 * d
-  return {"host_bytes": dataset, "per_device_bytes": per_device}
+  segment = 4 * (n // n_dev if config.algorithm == SGD else n) * (d + 1)
+  per_device = (segment + 2 * 4 * (config.batch_size // n_dev) * d + 4 * n + 9 * 4 * d)
+  return {"host_bytes": 4 * d, "per_device_bytes": per_device}
 
 
 def available_memory_bytes(devices=None) -> dict:
@@ -91,12 +93,13 @@ def check_memory(config: Config, devices) -> None:
   Example:
     >>> check_memory(Config(dim=100_000_000), jax.devices())
     ConfigError: dim=100000000, num_samples=4000, batch_size=1024 on 8 devices need
-    about 1.42e+04 GiB host (estimated), but 16.7 GiB is available; lower dim or ...
+    about 2.28e+03 GiB host (estimated), but 16.7 GiB is available; lower dim or ...
   """
   need = estimate_memory_bytes(config, len(devices))
   have = available_memory_bytes(devices)
   on_cpu = devices[0].platform == "cpu"
-  checks = [("host", need["host_bytes"] + (len(devices) * need["per_device_bytes"]
+  local = sum(1 for d in devices if d.process_index == devices[0].client.process_index())
+  checks = [("host", need["host_bytes"] + (local * need["per_device_bytes"]
                                            if on_cpu else 0), have["host_bytes"])]
   if not on_cpu:
     checks.append(("per device", need["per_device_bytes"], have["device_bytes"]))
