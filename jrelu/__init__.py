@@ -8,17 +8,20 @@ from jrelu import aggregation
 from jrelu import checkpoint
 from jrelu import compressors
 from jrelu import experiment
+from jrelu import linesearch
 from jrelu import network
 from jrelu import parallel
 from jrelu import planted
 from jrelu import powersgd
 from jrelu import sampling
 from jrelu import wire
+from jrelu.linesearch import ArmijoState, armijo
 from jrelu.transforms import CompressState, ErrorFeedbackState, compress, error_feedback
 from jrelu.transforms import WireCostWarning, qsgd, signum
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressState", "ErrorFeedbackState", "WireCostWarning", "aggregation", "checkpoint",
-           "compress", "compressors", "error_feedback", "experiment", "network", "parallel",
-           "planted", "powersgd", "qsgd", "sampling", "signum", "wire"]
+__all__ = ["ArmijoState", "CompressState", "ErrorFeedbackState", "WireCostWarning", "aggregation",
+           "armijo", "checkpoint", "compress", "compressors", "error_feedback", "experiment",
+           "linesearch", "network", "parallel", "planted", "powersgd", "qsgd", "sampling",
+           "signum", "wire"]

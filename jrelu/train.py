@@ -10,10 +10,12 @@ field of ``experiment.Config`` is a flag of the same name (``--help`` lists them
     python -m jrelu.train --compressor=top_k --fraction=0.1 --error_feedback
     python -m jrelu.train --compressor=sign --aggregation=majority_vote \
         --learning_rate=1e-3 --lr_schedule=exponential --decay_steps=100
+    python -m jrelu.train --compressor=sign --aggregation=majority_vote --step_size=armijo
 
-A flag that the chosen compressor or schedule does not use is an error (``--num_levels``
-with ``--compressor=sign``, ``--decay_rate`` with ``--lr_schedule=constant``,
-``--aggregation`` with ``--compressor=powersgd``), never silently ignored.
+A flag that the chosen compressor, schedule or step size rule does not use is an error
+(``--num_levels`` with ``--compressor=sign``, ``--decay_rate`` with
+``--lr_schedule=constant``, ``--aggregation`` with ``--compressor=powersgd``,
+``--learning_rate`` with ``--step_size=armijo``), never silently ignored.
 
 Writes ``WORKDIR/metrics.jsonl``, ``WORKDIR/summary.json``, ``WORKDIR/checkpoints/`` and,
 when matplotlib is installed, ``WORKDIR/relative_error.png``. Running again with the same

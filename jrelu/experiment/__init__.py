@@ -11,7 +11,8 @@ update.
 
 :class:`Config` is frozen and typed; its fields are the binary's flags, one for one.
 Settings that only some methods use (``num_levels`` for QSGD, ``rank`` for PowerSGD,
-``decay_rate`` for the exponential schedule, ...) default to None, meaning "the method's
+``decay_rate`` for the exponential schedule, ``learning_rate`` for a fixed step size,
+the ``armijo_*`` constants for ``step_size="armijo"``, ...) default to None, meaning "the method's
 default"; giving one to a method that does not use it is a :class:`ConfigError`, never
 ignored. :func:`resolve` fills the defaults in, and the summary records the resolved
 values.
@@ -35,7 +36,8 @@ estimate that refuses a config that cannot fit). The public names are re-exporte
 
 from jrelu.experiment.config import COMPRESSOR_FIELDS, COMPRESSORS, Config, ConfigError
 from jrelu.experiment.config import DEFAULTS, MAX_SEED, NORMS, POWERSGD, SCHEDULE_FIELDS
-from jrelu.experiment.config import SCHEDULES, describe, make_codec, make_schedule, make_tx
+from jrelu.experiment.config import SCHEDULES, STEP_SIZE_FIELDS, STEP_SIZES, describe
+from jrelu.experiment.config import make_codec, make_schedule, make_tx
 from jrelu.experiment.config import predicted_wire_bits, resolve
 from jrelu.experiment.files import CHECKPOINT_DIR, RUN_FILES, WriteError, append_line
 from jrelu.experiment.files import check_workdir, json_safe, write_json
@@ -45,7 +47,8 @@ from jrelu.experiment.memory import estimate_memory_bytes
 
 __all__ = ["CHECKPOINT_DIR", "COMPRESSORS", "COMPRESSOR_FIELDS", "Config", "ConfigError",
            "DEFAULTS", "DivergedError", "Interrupted", "MAX_SEED", "NORMS", "POWERSGD",
-           "RUN_FILES", "SCHEDULES", "SCHEDULE_FIELDS", "TIMING_FIELDS", "WriteError",
+           "RUN_FILES", "SCHEDULES", "SCHEDULE_FIELDS", "STEP_SIZES", "STEP_SIZE_FIELDS",
+           "TIMING_FIELDS", "WriteError",
            "append_line", "available_memory_bytes", "check_memory", "check_workdir", "describe",
            "estimate_memory_bytes", "json_safe", "make_codec", "make_schedule", "make_tx",
            "predicted_wire_bits", "resolve", "run", "write_json"]

@@ -21,6 +21,7 @@ import optax
 from jrelu import _checks
 from jrelu import aggregation
 from jrelu import compressors
+from jrelu import linesearch
 from jrelu import parallel
 from jrelu import planted
 from jrelu import powersgd
@@ -29,6 +30,7 @@ from jrelu import transforms
 POWERSGD = "powersgd"
 COMPRESSORS = tuple(sorted(compressors.REGISTRY)) + (POWERSGD,)
 SCHEDULES = ("constant", "exponential", "inverse_sqrt")
+STEP_SIZES = ("fixed", "armijo")
 NORMS = ("l2", "max")
 
 # Settings that only some compressors use, and which.
@@ -41,9 +43,20 @@ COMPRESSOR_FIELDS = {
 # Settings that only some step-size schedules use, and which.
 SCHEDULE_FIELDS = {"decay_steps": ("exponential", "inverse_sqrt"),
                    "decay_rate": ("exponential",)}
+# Settings that only one step-size rule uses, and which.
+STEP_SIZE_FIELDS = {
+    "learning_rate": ("fixed",), "lr_schedule": ("fixed",), "decay_steps": ("fixed",),
+    "decay_rate": ("fixed",), "armijo_scale": ("armijo",),
+    "armijo_max_learning_rate": ("armijo",), "armijo_slope_rtol": ("armijo",),
+    "armijo_decrease_factor": ("armijo",), "armijo_increase_factor": ("armijo",),
+    "armijo_max_trials": ("armijo",),
+}
 # The defaults that None stands for, where a method uses the setting.
 DEFAULTS = {"num_levels": 4, "norm": "max", "rank": 1, "decay_steps": 100,
-            "decay_rate": 0.5, "aggregation": "two_phase"}
+            "decay_rate": 0.5, "aggregation": "two_phase", "learning_rate": 0.5,
+            "lr_schedule": "constant", "armijo_scale": 0.5, "armijo_max_learning_rate": 10.0,
+            "armijo_slope_rtol": 0.1, "armijo_decrease_factor": 0.9,
+            "armijo_increase_factor": 1.5, "armijo_max_trials": 100}
 
 
 def _field(default, help_text: str, choices: Iterable[str] | None = None):
@@ -82,10 +95,14 @@ class Config:
   parallel: str = _field("pmap", "SPMD wrapper of the per-device step.", parallel.WRAPPERS)
   # Optimization.
   num_steps: int = _field(3000, "Maximum SGD steps.")
-  learning_rate: float = _field(0.5, "SGD step size (> 0).")
-  lr_schedule: str = _field(
-      "constant", "Step size schedule: constant, exponential (x decay_rate every "
-      "decay_steps) or inverse_sqrt (lr / sqrt(1 + step / decay_steps)).", SCHEDULES)
+  step_size: str = _field(
+      "fixed", "Step size rule: fixed (--learning_rate, --lr_schedule) or armijo "
+      "(backtracking search on the compressed direction with a scaled step, "
+      "jrelu.armijo; its constants are the --armijo_* flags).", STEP_SIZES)
+  learning_rate: float | None = _field(None, "fixed: SGD step size (> 0; default 0.5).")
+  lr_schedule: str | None = _field(
+      None, "fixed: step size schedule, constant (default), exponential (x decay_rate "
+      "every decay_steps) or inverse_sqrt (lr / sqrt(1 + step / decay_steps)).", SCHEDULES)
   decay_steps: int | None = _field(
       None, "exponential / inverse_sqrt: schedule time scale in steps (default 100).")
   decay_rate: float | None = _field(
@@ -93,6 +110,21 @@ class Config:
   momentum: float = _field(
       0.0, "Per-device momentum beta in [0, 1) applied before compression (Signum with "
       "--compressor=sign).")
+  armijo_scale: float | None = _field(
+      None, "armijo: scaling a > 0 of the descent step w -= a eta u (default 0.5; 1 is "
+      "the unscaled search).")
+  armijo_max_learning_rate: float | None = _field(
+      None, "armijo: largest step size eta a search tries (> 0; default 10).")
+  armijo_slope_rtol: float | None = _field(
+      None, "armijo: Armijo constant sigma in (0, 1) (default 0.1).")
+  armijo_decrease_factor: float | None = _field(
+      None, "armijo: backtracking factor beta in (0, 1) (default 0.9).")
+  armijo_increase_factor: float | None = _field(
+      None, "armijo: each search starts at min(this x the last step size, "
+      "armijo_max_learning_rate); >= 1 (default 1.5).")
+  armijo_max_trials: int | None = _field(
+      None, "armijo: most loss evaluations (each a scalar all-reduce) per step; a search "
+      "that finds no step size takes no step (default 100).")
   # Compression.
   compressor: str = _field("qsgd", "Gradient codec ('none' = float32).", COMPRESSORS)
   aggregation: str | None = _field(
@@ -166,7 +198,8 @@ INT32_WHY = "(JAX counts and indexes in int32)"
 def _validate(config: Config) -> None:
   for name in ("dim", "num_samples", "batch_size", "num_steps", "log_every"):
     checked(name, _checks.integer, getattr(config, name), 1, _checks.INT32_MAX, INT32_WHY)
-  for name in ("num_devices", "decay_steps", "bucket_size", "k", "budget", "rank"):
+  for name in ("num_devices", "decay_steps", "bucket_size", "k", "budget", "rank",
+               "armijo_max_trials"):
     checked(name, _checks.optional_integer, getattr(config, name), 1, _checks.INT32_MAX,
             INT32_WHY)
   checked("num_levels", _checks.optional_integer, config.num_levels, 1,
@@ -175,8 +208,16 @@ def _validate(config: Config) -> None:
           "(jax.random.key takes a 32-bit seed)")
   # Floats are used as float32: finite and at most float32's largest value.
   top = _checks.FLOAT32_MAX
-  checked("learning_rate", _checks.number, config.learning_rate, low=0.0, high=top,
-          low_open=True)
+  for name in ("learning_rate", "armijo_scale", "armijo_max_learning_rate"):
+    if getattr(config, name) is not None:
+      checked(name, _checks.number, getattr(config, name), low=0.0, high=top, low_open=True)
+  for name in ("armijo_slope_rtol", "armijo_decrease_factor"):
+    if getattr(config, name) is not None:
+      checked(name, _checks.number, getattr(config, name), low=0.0, high=1.0, low_open=True,
+              high_open=True)
+  if config.armijo_increase_factor is not None:
+    checked("armijo_increase_factor", _checks.number, config.armijo_increase_factor,
+            low=1.0, high=top)
   checked("noise_std", _checks.number, config.noise_std, low=0.0, high=top)
   checked("momentum", _checks.number, config.momentum, low=0.0, high=1.0, high_open=True)
   checked("target_relative_error", _checks.number, config.target_relative_error, low=0.0,
@@ -200,10 +241,16 @@ def _validate(config: Config) -> None:
       raise ConfigError(name, f"{name}={getattr(config, name)!r} has no effect with "
                         f"compressor={config.compressor!r} (it applies to compressor="
                         f"{' or '.join(repr(o) for o in owners)})")
-  for name, owners in SCHEDULE_FIELDS.items():
-    if _is_set(config, name) and config.lr_schedule not in owners:
+  for name, owners in STEP_SIZE_FIELDS.items():
+    if _is_set(config, name) and config.step_size not in owners:
       raise ConfigError(name, f"{name}={getattr(config, name)!r} has no effect with "
-                        f"lr_schedule={config.lr_schedule!r} (it applies to lr_schedule="
+                        f"step_size={config.step_size!r} (it applies to step_size="
+                        f"{' or '.join(repr(o) for o in owners)})")
+  schedule = config.lr_schedule or DEFAULTS["lr_schedule"]
+  for name, owners in SCHEDULE_FIELDS.items():
+    if _is_set(config, name) and schedule not in owners:
+      raise ConfigError(name, f"{name}={getattr(config, name)!r} has no effect with "
+                        f"lr_schedule={schedule!r} (it applies to lr_schedule="
                         f"{' or '.join(repr(o) for o in owners)})")
   if config.k is not None and config.fraction is not None:
     raise ConfigError("k", f"k={config.k} and fraction={config.fraction} both given; "
@@ -237,20 +284,29 @@ def resolve(config: Config) -> Config:
   """``config`` with the method defaults filled in where a used setting is None.
 
   Settings the method does not use stay None; for PowerSGD ``aggregation`` stays None
-  (its collectives are its own).
+  (its collectives are its own), and with ``step_size="armijo"`` ``learning_rate`` and
+  ``lr_schedule`` stay None (the search sets the step).
 
   Example:
     >>> resolve(Config()).num_levels
     4
   """
+  schedule = config.lr_schedule or DEFAULTS["lr_schedule"]
   values = {}
   for name, default in DEFAULTS.items():
     if getattr(config, name) is not None:
       continue
-    owners = COMPRESSOR_FIELDS.get(name) or ()
-    schedules = SCHEDULE_FIELDS.get(name) or ()
-    if (config.compressor in owners or config.lr_schedule in schedules
-        or (name == "aggregation" and config.compressor != POWERSGD)):
+    if config.step_size not in STEP_SIZE_FIELDS.get(name, STEP_SIZES):
+      continue
+    if name in COMPRESSOR_FIELDS:
+      used = config.compressor in COMPRESSOR_FIELDS[name]
+    elif name in SCHEDULE_FIELDS:
+      used = schedule in SCHEDULE_FIELDS[name]
+    elif name == "aggregation":
+      used = config.compressor != POWERSGD
+    else:
+      used = True
+    if used:
       values[name] = default
   return dataclasses.replace(config, **values)
 
@@ -293,8 +349,14 @@ def make_codec(config: Config, num_devices: int) -> compressors.Compressor | Non
 
 
 def make_schedule(config: Config) -> optax.Schedule:
-  """The step-size schedule of ``config`` (an optax schedule)."""
+  """The step-size schedule of ``config`` (an optax schedule).
+
+  Raises:
+    ConfigError: with ``step_size="armijo"``, which has no schedule.
+  """
   config = resolve(config)
+  if config.step_size != "fixed":
+    raise ConfigError("step_size", f"step_size={config.step_size!r} has no schedule")
   lr = config.learning_rate
   if config.lr_schedule == "exponential":
     return optax.exponential_decay(lr, config.decay_steps, config.decay_rate)
@@ -305,7 +367,7 @@ def make_schedule(config: Config) -> optax.Schedule:
 
 def make_tx(config: Config, key, num_devices: int, axis_name: str | None = parallel.AXIS_NAME
             ) -> optax.GradientTransformation:
-  """Momentum (optional), then compression and averaging, then SGD with the schedule.
+  """Momentum (optional), then compression and averaging, then the step.
 
   Args:
     config: the run's settings.
@@ -314,7 +376,10 @@ def make_tx(config: Config, key, num_devices: int, axis_name: str | None = paral
     axis_name: the device axis the transform averages over.
 
   Returns:
-    ``optax.chain([ema(momentum)], compression, sgd(schedule))``.
+    ``optax.chain([ema(momentum)], compression, sgd(schedule))``, or with
+    ``step_size="armijo"`` ``optax.chain([ema(momentum)], compression, jrelu.armijo(...))``,
+    whose update needs the line-search arguments
+    (``jrelu.parallel.make_step(..., extra_args=True)``).
   """
   config = resolve(config)
   if config.compressor == POWERSGD:
@@ -328,22 +393,37 @@ def make_tx(config: Config, key, num_devices: int, axis_name: str | None = paral
         make_codec(config, num_devices), key=key, axis_name=axis_name,
         aggregation=config.aggregation)
   momentum = [optax.ema(config.momentum, debias=False)] if config.momentum > 0 else []
-  return optax.chain(*momentum, compression, optax.sgd(make_schedule(config)))
+  if config.step_size == "armijo":
+    step = linesearch.armijo(
+        axis_name=axis_name, scale=config.armijo_scale,
+        max_learning_rate=config.armijo_max_learning_rate,
+        slope_rtol=config.armijo_slope_rtol, decrease_factor=config.armijo_decrease_factor,
+        increase_factor=config.armijo_increase_factor, max_trials=config.armijo_max_trials)
+  else:
+    step = optax.sgd(make_schedule(config))
+  return optax.chain(*momentum, compression, step)
 
 
-def predicted_wire_bits(config: Config, params, num_devices: int) -> float:
+def predicted_wire_bits(config: Config, params, num_devices: int, trials: float = 0
+                        ) -> float:
   """Bits one device sends per step by the formulas (the compiled program is the truth).
 
   Args:
     config: the run's settings.
     params: the parameters (only shapes are read).
     num_devices: N.
+    trials: with ``step_size="armijo"``, the step's line-search trials (the search adds
+      ``jrelu.linesearch.wire_bits(N, trials)``).
   """
   config = resolve(config)
   if config.compressor == POWERSGD:
-    return powersgd.wire_bits(params, config.rank, num_devices)
-  return aggregation.wire_bits(config.aggregation, make_codec(config, num_devices),
-                               jnp.shape(params), num_devices)
+    bits = powersgd.wire_bits(params, config.rank, num_devices)
+  else:
+    bits = aggregation.wire_bits(config.aggregation, make_codec(config, num_devices),
+                                 jnp.shape(params), num_devices)
+  if config.step_size == "armijo":
+    bits += linesearch.wire_bits(num_devices, trials)
+  return bits
 
 
 def describe(config: Config) -> str:
@@ -366,4 +446,7 @@ def describe(config: Config) -> str:
     label += f" momentum={config.momentum}"
   if config.error_feedback or name == POWERSGD:
     label += " + EF"
+  if config.step_size == "armijo":
+    label += (" + Armijo" if config.armijo_scale == DEFAULTS["armijo_scale"]
+              else f" + Armijo scale={config.armijo_scale}")
   return label

@@ -25,6 +25,7 @@ import numpy as np
 from jrelu import _checks
 from jrelu import aggregation
 from jrelu import checkpoint
+from jrelu import linesearch
 from jrelu import parallel
 from jrelu import planted
 from jrelu import powersgd
@@ -198,8 +199,10 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
   dataset = planted.sample_dataset(data_key, w_star, config.num_samples, config.noise_std)
   params = planted.init_params(init_key, (dataset, w_star), config.init)
   tx = make_tx(config, tx_key, n_dev)
+  armijo = config.step_size == "armijo"
   step = parallel.make_step(planted.loss, sampling.make_batch_fn(config.batch_size), tx,
-                            metrics_fn=planted.metrics_fn)
+                            metrics_fn=planted.metrics_fn, extra_args=armijo,
+                            opt_metrics_fn=linesearch.metrics if armijo else None)
   state, data, batch_key = parallel.replicate(
       (parallel.init_state(params, tx), (dataset, w_star), batch_key), devices)
 
@@ -210,6 +213,8 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
   bits = _cached(cache_key + ("wire",), lambda: wire.measure(
       parallel.wrap(config.parallel, step, devices), state, data, batch_key))
   float32_bits = aggregation.float32_allreduce_bits((config.dim,), n_dev)
+  # What every step sends; a search's trials (loop_bits each) come on top.
+  every_step_bits = bits.fixed_bits if armijo else bits.sent_bits
   codec = make_codec(config, n_dev)
   initial_error = float(planted.relative_error(params, w_star))
   summary = {
@@ -223,13 +228,19 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
       "steps": 0,
       "steps_to_target": None,
       "checkpoint_step": None,
-      "wire_bits_per_step_per_device": bits.sent_bits,
+      # With a line search: the mean over the steps so far (each trial is an all-reduce
+      # inside the search's loop, which the compiled program holds once).
+      "wire_bits_per_step_per_device": every_step_bits,
       "predicted_wire_bits_per_step_per_device": predicted_wire_bits(config, params, n_dev),
       "wire_operand_bits_per_step_per_device": bits.operand_bits,
+      "wire_bits_per_linesearch_trial": bits.loop_bits,
+      "predicted_wire_bits_per_linesearch_trial": (
+          linesearch.wire_bits(n_dev, 1) - linesearch.wire_bits(n_dev, 0) if armijo else 0.0),
+      "linesearch_trials": 0,
       "compressor_wire_bits": (codec.wire_bits((config.dim,)) if codec is not None
                                else powersgd.wire_bits(params, config.rank, 2)),
       "float32_wire_bits": float32_bits,
-      "compression_ratio": float32_bits / bits.sent_bits if bits.sent_bits else None,
+      "compression_ratio": float32_bits / every_step_bits if every_step_bits else None,
       "steps_per_second": None,
       "compile_seconds": 0.0,
       "run_seconds": 0.0,
@@ -255,7 +266,10 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
   else:
     files.writing(metrics_path, lambda: files.write_text(metrics_path, ""))
   files.writing(summary_path, lambda: files.write_json(summary_path, summary))
-  if bits.sent_bits:
+  if armijo:
+    logging.info("wire: %.0f bits per step per device, plus %.0f per line-search trial "
+                 "(float32 all-reduce: %.0f)", bits.fixed_bits, bits.loop_bits, float32_bits)
+  elif bits.sent_bits:
     logging.info("wire: %.0f bits per step per device (float32 all-reduce: %.0f, %.1fx fewer)",
                  bits.sent_bits, float32_bits, summary["compression_ratio"])
   else:
@@ -267,7 +281,9 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
     summary["checkpoint_step"] = summary["steps"]
     progress = {k: summary[k] for k in (
         "run_id", "status", "relative_error", "steps", "steps_to_target",
-        "checkpoint_step", "compile_seconds", "run_seconds", "checkpoint_seconds")}
+        "checkpoint_step", "compile_seconds", "run_seconds", "checkpoint_seconds",
+        "linesearch_trials", "wire_bits_per_step_per_device",
+        "predicted_wire_bits_per_step_per_device", "compression_ratio")}
     metadata = {"config": identity, "progress": progress, "history": history}
     start = time.perf_counter()
     files.writing(ckpt_dir, lambda: checkpoint.save(ckpt_dir, summary["steps"], state, metadata,
@@ -294,6 +310,18 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
       bad = np.nonzero(~(np.isfinite(errors) & np.isfinite(losses)))[0]
       done = int(bad[0]) if bad.size else length  # the chunk's finite steps
       summary["steps"] = first + done
+      if armijo:
+        trials = np.asarray(metrics["linesearch_trials"][0])
+        summary["linesearch_trials"] += int(trials[:done].sum())
+      sent = (summary["steps"] * every_step_bits
+              + summary["linesearch_trials"] * (bits.loop_bits if armijo else 0.0))
+      if summary["steps"]:
+        summary["wire_bits_per_step_per_device"] = sent / summary["steps"]
+        if armijo:
+          summary["predicted_wire_bits_per_step_per_device"] = predicted_wire_bits(
+              config, params, n_dev, summary["linesearch_trials"] / summary["steps"])
+        summary["compression_ratio"] = (float32_bits / summary["wire_bits_per_step_per_device"]
+                                        if sent else None)
       if bad.size:
         summary["status"] = "diverged"
         summary["diverged_at_step"] = first + done + 1
@@ -314,9 +342,12 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
             "loss": float(losses[done - 1]),
             "steps_per_second": length / elapsed,
             "run_seconds": summary["run_seconds"],
-            "cumulative_wire_bits_per_device": summary["steps"] * bits.sent_bits,
+            "cumulative_wire_bits_per_device": sent,
             "run_id": summary["run_id"],
         }
+        if armijo:
+          record["step_size"] = float(np.asarray(metrics["step_size"][0])[done - 1])
+          record["linesearch_trials_per_step"] = float(trials[:done].mean())
         history.append(record)
         files.append_line(metrics_path, json.dumps(record))
         logging.info("step %d/%d  relative_error %.3e  loss %.3e  %.0f steps/s",
