@@ -9,6 +9,7 @@ from jrelu import checkpoint
 from jrelu import compressors
 from jrelu import easgd
 from jrelu import experiment
+from jrelu import linesearch
 from jrelu import network
 from jrelu import parallel
 from jrelu import planted
@@ -16,11 +17,13 @@ from jrelu import powersgd
 from jrelu import processes
 from jrelu import sampling
 from jrelu import wire
+from jrelu.linesearch import ArmijoState, armijo
 from jrelu.transforms import CompressState, ErrorFeedbackState, compress, error_feedback
 from jrelu.transforms import WireCostWarning, qsgd, signum
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressState", "ErrorFeedbackState", "WireCostWarning", "aggregation", "checkpoint",
-           "compress", "compressors", "easgd", "error_feedback", "experiment", "network",
-           "parallel", "planted", "powersgd", "processes", "qsgd", "sampling", "signum", "wire"]
+__all__ = ["ArmijoState", "CompressState", "ErrorFeedbackState", "WireCostWarning", "aggregation",
+           "armijo", "checkpoint", "compress", "compressors", "easgd", "error_feedback",
+           "experiment", "linesearch", "network", "parallel", "planted", "powersgd", "processes",
+           "qsgd", "sampling", "signum", "wire"]
