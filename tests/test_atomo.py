@@ -570,7 +570,7 @@ def test_atomo_trains_the_planted_network_inside_optax_chain():
 # Large arrays: water-filling from the blocks that hold the largest atoms.
 
 
-@pytest.mark.parametrize("budget", [1, 8, 64])
+@pytest.mark.parametrize("budget", [8, 64])
 def test_entry_water_filling_without_a_sort_matches_the_sort(budget):
   # Above TOP_MIN_SIZE entries the codec water-fills from the top `budget` magnitudes
   # (found in the blocks with the largest maxima) and their sum: the same tau (up to the
@@ -582,21 +582,19 @@ def test_entry_water_filling_without_a_sort_matches_the_sort(budget):
   rows[2][[3, 77, 5000]] = [1.0, -2.0, 3.0]
   rows[3][rng.choice(n, 5, replace=False)] = 1e4  # saturated spikes
   index = jnp.arange(n)
-  for x in rows:
-    x = jnp.asarray(x, jnp.float32)
-    p, tau, sat = jax.jit(_atomo._water_fill, static_argnums=1)(x, budget)
+  xs = jnp.asarray(np.stack(rows), jnp.float32)
 
-    @jax.jit
-    def top(x):
-      tau, probability, saturated, table = _atomo._water_fill_top(x, budget)
-      return tau, probability(x, index), saturated(x, index), table
+  def top(x):
+    tau, probability, saturated, table = _atomo._water_fill_top(x, budget)
+    return tau, probability(x, index), saturated(x, index), table
 
-    tau2, p2, sat2, table = top(x)
-    np.testing.assert_allclose(float(tau2), float(tau), rtol=1e-5)
-    np.testing.assert_array_equal(np.asarray(sat2), np.asarray(sat))
-    unsat = ~np.asarray(sat)
-    np.testing.assert_allclose(np.asarray(p2)[unsat], np.asarray(p)[unsat], rtol=1e-5,
-                               atol=1e-7)
-    saturated = np.asarray(x)[np.asarray(sat)]  # in coordinate order
-    np.testing.assert_array_equal(np.asarray(table)[:len(saturated)], saturated)
-    assert np.all(np.asarray(table)[len(saturated):] == 0)
+  both = jax.jit(jax.vmap(lambda x: (_atomo._water_fill(x, budget), top(x))))(xs)
+  (p, tau, sat), (tau2, p2, sat2, table) = jax.tree_util.tree_map(np.asarray, both)
+  for i, x in enumerate(np.asarray(xs)):
+    np.testing.assert_allclose(tau2[i], tau[i], rtol=1e-5)
+    np.testing.assert_array_equal(sat2[i], sat[i])
+    unsat = ~sat[i]
+    np.testing.assert_allclose(p2[i][unsat], p[i][unsat], rtol=1e-5, atol=1e-7)
+    saturated = x[sat[i]]  # in coordinate order
+    np.testing.assert_array_equal(table[i][:len(saturated)], saturated)
+    assert np.all(table[i][len(saturated):] == 0)

@@ -9,13 +9,14 @@ import jax
 import jax.numpy as jnp
 from jax.extend.random import threefry2x32_p
 import numpy as np
-import pytest
 
 from jrelu import compressors
 from jrelu.compressors import _select
 from jrelu.compressors import base
 from jrelu.compressors import bitpack
 from jrelu.compressors import threefry
+
+import helpers
 
 
 def test_threefry_is_jax_block_function():
@@ -69,20 +70,31 @@ def test_uniform_lanes_are_uniform_and_uncorrelated():
     assert abs(corr) <= 6 / math.sqrt(a.size), corr
 
 
-@pytest.mark.parametrize("bits, n", [(2, 37), (4, 40), (3, 70), (1, 33), (6, 17)])
-def test_pack_fields_is_pack_of_its_fields(bits, n):
+def test_pack_fields_is_pack_of_its_fields():
   # Aligned widths pack a row per word, the others rows of bitpack.row_size fields; both
-  # give bitpack.pack's layout, with zero padding.
-  values = jnp.arange(n, dtype=jnp.float32)
+  # give bitpack.pack's layout, with zero padding. (One program for all five cases.)
+  cases = [(2, 37), (4, 40), (3, 70), (1, 33), (6, 17)]
   key_pair = threefry.key_words(jax.random.key(1))
 
-  def field(v, u16, index):  # depends on the value, the uniform and the position
-    return (v.astype(jnp.uint32) + (u16 >> 8) + index.astype(jnp.uint32)) & ((1 << bits) - 1)
+  def field_of(bits):
+    def field(v, u16, index):  # depends on the value, the uniform and the position
+      mask = (1 << bits) - 1
+      return (v.astype(jnp.uint32) + (u16 >> 8) + index.astype(jnp.uint32)) & mask
+    return field
 
-  words, fields = jax.jit(lambda: (threefry.pack_fields(key_pair, values, bits, field),
-                                   threefry.unpacked_fields(key_pair, values, bits, field)))()
-  assert words.shape == (bitpack.packed_words(n, bits),)
-  np.testing.assert_array_equal(np.asarray(words), np.asarray(bitpack.pack(fields, bits)))
+  @jax.jit
+  def run():
+    out = []
+    for bits, n in cases:
+      values = jnp.arange(n, dtype=jnp.float32)
+      out.append((threefry.pack_fields(key_pair, values, bits, field_of(bits)),
+                  threefry.unpacked_fields(key_pair, values, bits, field_of(bits))))
+    return out
+
+  for (bits, n), (words, fields) in zip(cases, run()):
+    assert words.shape == (bitpack.packed_words(n, bits),)
+    np.testing.assert_array_equal(np.asarray(words),
+                                  np.asarray(helpers.pack(fields, bits)))
 
 
 def test_a_round_trip_computes_each_word_once():

@@ -54,8 +54,10 @@ METHODS = {
                                                     "loop_none")),
     "qsgd": Method("qsgd", {"num_levels": 4, "norm": "max"}, "two_phase",
                    torch_peers=("ddp_quantization", "ddp_powersgd", "loop_qsgd")),
-    # The same step with a Philox key: QSGD's uniform draws dominate its cost on CPU, and
-    # Philox draws them about twice as fast as threefry (the numbers differ, not the law).
+    # The same step with a Philox key. QSGD's uniform draws used to dominate its cost on
+    # CPU, and Philox drew them about twice as fast as threefry; the codecs now draw their
+    # bits with Threefry inside their own loops (jrelu.compressors.threefry) and the key
+    # only seeds them, so the two rows should time alike (the numbers differ, not the law).
     # vmap only: JAX 0.10.2 cannot lower Philox's mulhi inside pmap ("mhlo.unknown").
     "qsgd_philox": Method("qsgd", {"num_levels": 4, "norm": "max"}, "two_phase",
                           torch_peers=("ddp_quantization", "ddp_powersgd", "loop_qsgd"),

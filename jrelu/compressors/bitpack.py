@@ -8,11 +8,13 @@ first expanded to single bits. Either way ``ceil(num_values * bits / 32)`` words
 exactly the payload, with at most 31 bits of zero padding in the last word.
 
 A codec that draws random bits for its fields (QSGD, TernGrad, ATOMO, FO-SGD) computes
-them in rows of :func:`row_size` fields, one Threefry block per row (``threefry``): it
-cuts its input into :func:`columns`, computes each row as one uint32 (field ``k`` in bits
-``[k bits, (k + 1) bits)``) and packs the rows with :func:`pack_rows`, which gives the
-same words as :func:`pack` of the fields. XLA fuses the draws, the fields and the packing
-into one loop that reads the input once and writes only the words.
+them a row at a time (``threefry.pack_fields``): it cuts its input into :func:`columns`
+and computes each row as one uint32, field ``k`` in bits ``[k bits, (k + 1) bits)``, with
+a Threefry block per four fields. When ``bits`` divides 32 a row is a word (``32 / bits``
+fields), so XLA fuses the draws, the fields and the packing into one loop that reads the
+input once and writes only the words; otherwise a row holds :func:`row_size` fields and
+the rows are packed as wider values by :func:`pack_rows`. Either way the words are those
+of :func:`pack` of the fields.
 """
 
 from __future__ import annotations
