@@ -9,6 +9,7 @@ from jrelu import checkpoint
 from jrelu import compressors
 from jrelu import easgd
 from jrelu import experiment
+from jrelu import mlp
 from jrelu import network
 from jrelu import parallel
 from jrelu import planted
@@ -22,5 +23,5 @@ from jrelu.transforms import WireCostWarning, qsgd, signum
 __version__ = "0.1.0"
 
 __all__ = ["CompressState", "ErrorFeedbackState", "WireCostWarning", "aggregation", "checkpoint",
-           "compress", "compressors", "easgd", "error_feedback", "experiment", "network",
+           "compress", "compressors", "easgd", "error_feedback", "experiment", "mlp", "network",
            "parallel", "planted", "powersgd", "processes", "qsgd", "sampling", "signum", "wire"]
