@@ -52,8 +52,8 @@ def markdown(rows, problem: dict) -> str:
 def plot(rows, outdir: str) -> list:
   """Final test accuracy and training loss against Mbit sent per device, one point a row.
 
-  Error bars span the seeds' minimum to maximum; the marker's shape is the method's
-  family, a hollow marker an adaptive step size. Writes ``OUTDIR/real_data.png``.
+  Error bars span the seeds' minimum to maximum; the color is the method's family, the
+  marker's shape its level, a hollow marker a step-size rule other than the fixed one. Writes ``OUTDIR/real_data.png``.
 
   Args:
     rows: ``benchmark.run``'s rows.
@@ -65,16 +65,22 @@ def plot(rows, outdir: str) -> list:
   plt = common.pyplot()
   if plt is None:
     return []
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(13, 5.5))
-  markers = "osD^v<>pP*Xh"
-  families = []
-  for i, r in enumerate(rows):
-    family = r["key"].split("_")[0]
+  markers = "os^D"
+  families, levels = [], {}
+  for r in rows:
+    family = r["key"].split("_")[0]   # qsgd_s4 -> qsgd, top_k_1 -> top
     if family not in families:
       families.append(family)
-    marker = markers[families.index(family) % len(markers)]
+    known = levels.setdefault(family, [])
+    if r["key"] not in known:
+      known.append(r["key"])
+    index = 2 * families.index(family)   # tab20's dark shades first, then the light ones
+    color = plt.get_cmap("tab20")(index % 20 + index // 20 % 2)
+    marker = markers[known.index(r["key"]) % len(markers)]
     x = r["total_wire_bits_per_device"] / 1e6
-    face = "none" if r["step_size"] != "fixed" else None
+    face = "none" if r["step_size"] != "fixed" else color
     for ax, name in ((acc_ax, "test_accuracy"), (loss_ax, "train_loss")):
       s = r[name]
       if s["mean"] is None:
@@ -82,12 +88,15 @@ def plot(rows, outdir: str) -> list:
       scale = 100.0 if name == "test_accuracy" else 1.0
       ax.errorbar([x], [scale * s["mean"]],
                   yerr=[[scale * (s["mean"] - s["min"])], [scale * (s["max"] - s["mean"])]],
-                  marker=marker, markersize=7, capsize=3, linestyle="none",
-                  color=f"C{i % 10}", markerfacecolor=face,
+                  marker=marker, markersize=7, capsize=3, linestyle="none", color=color,
+                  markerfacecolor=face,
                   label=f"{r['method']}" + ("" if r["step_size"] == "fixed"
                                             else f" ({r['step_size']})"))
   for ax in (acc_ax, loss_ax):
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel("Mbit sent per device in the whole run (from HLO)")
     ax.grid(True, which="both", alpha=0.3)
   loss_ax.set_yscale("log")
@@ -95,7 +104,7 @@ def plot(rows, outdir: str) -> list:
   loss_ax.set_ylabel("training loss (cross-entropy, whole training set)")
   handles, labels = acc_ax.get_legend_handles_labels()
   fig.legend(handles, labels, loc="center right", fontsize=7, ncol=1)
-  fig.tight_layout(rect=(0, 0, 0.8, 1))
+  fig.tight_layout(rect=(0, 0, 0.84, 1))
   path = os.path.join(outdir, PLOT)
   fig.savefig(path, dpi=110)
   plt.close(fig)
