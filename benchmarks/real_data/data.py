@@ -62,7 +62,7 @@ def load(test_fraction: float = 0.2, seed: int = 0):
   """The digits as ``(train, test)`` Datasets: standardized pixels, labels as float32.
 
   Args:
-    test_fraction: the held-out share, in (0, 1) (0.2: 1,437 training and 360 test rows).
+    test_fraction: the held-out share, in (0, 1) (0.2: 1,438 training and 359 test rows; each class rounds its own share).
     seed: seed of the split.
 
   Returns:
@@ -76,7 +76,7 @@ def load(test_fraction: float = 0.2, seed: int = 0):
   Example:
     >>> train, test = load()
     >>> train.x.shape, test.x.shape
-    ((1437, 64), (360, 64))
+    ((1438, 64), (359, 64))
   """
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   digits = load_digits()
