@@ -62,7 +62,8 @@ def load(test_fraction: float = 0.2, seed: int = 0):
   """The digits as ``(train, test)`` Datasets: standardized pixels, labels as float32.
 
   Args:
-    test_fraction: the held-out share, in (0, 1) (0.2: 1,438 training and 359 test rows; each class rounds its own share).
+    test_fraction: the held-out share, in (0, 1) (0.2: 1,438 training and 359 test
+      rows; each class rounds its own share).
     seed: seed of the split.
 
   Returns:
