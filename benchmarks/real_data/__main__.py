@@ -42,9 +42,11 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   fv = flag_values
   flags.DEFINE_string("outdir", "runs/real_data", "Where results.json, summary.md and the "
                       "plot go.", flag_values=fv)
-  flags.DEFINE_bool("quick", False, f"Small settings: rows {','.join(settings.QUICK_METHODS)}, "
-                    f"{settings.QUICK['num_steps']} steps, {settings.QUICK['num_seeds']} seed "
-                    "(well under two minutes on 2 cores).", flag_values=fv)
+  quick_rows = ", ".join(f"{m} ({r})" for m, r in settings.QUICK_ROWS)
+  flags.DEFINE_bool("quick", False, f"Small settings: rows {quick_rows} (unless --methods "
+                    f"is given), {settings.QUICK['num_steps']} steps, "
+                    f"{settings.QUICK['num_seeds']} seed (well under two minutes on 2 "
+                    "cores).", flag_values=fv)
   flags.DEFINE_list("methods", None, f"Rows to train, any of {', '.join(settings.METHODS)} "
                     "(default all; quick: the quick rows).", flag_values=fv)
   flags.DEFINE_list("step_sizes", list(settings.STEP_SIZES), "Step-size rules, any of "
@@ -112,7 +114,8 @@ def settings_from_flags(flag_values: flags.FlagValues, device_count: int) -> set
       outdir=fv.outdir, quick=fv.quick, methods=values["methods"],
       step_sizes=tuple(fv.step_sizes), num_steps=values["num_steps"],
       num_seeds=values["num_seeds"], num_evals=values["num_evals"], seed=fv.seed,
-      batch_size=fv.batch_size)
+      batch_size=fv.batch_size,
+      pairs=settings.QUICK_ROWS if fv.quick and fv.methods is None else None)
 
 
 def run_from_flags(flag_values: flags.FlagValues) -> dict:

@@ -1,6 +1,6 @@
 """Runs every row of the real-data benchmark and writes its files.
 
-:func:`run` loads the digits (:mod:`.data`), trains each row of :func:`settings.rows`
+:func:`run` loads the digits (:mod:`.data`), trains each row of ``Settings.rows``
 from every seed (:mod:`.training`), and writes ``OUTDIR/results.json``,
 ``OUTDIR/summary.md`` and ``OUTDIR/real_data.png`` (:mod:`.report`).
 """
@@ -48,7 +48,7 @@ def run(s: settings_lib.Settings, devices) -> dict:
   train, test = digits.load(settings_lib.TEST_FRACTION, settings_lib.SPLIT_SEED)
   data = tuple(sampling.Dataset(jnp.asarray(d.x), jnp.asarray(d.y)) for d in (train, test))
   rows = []
-  for key, rule, label, overrides in settings_lib.rows(s.methods, s.step_sizes):
+  for key, rule, label, overrides in s.rows:
     config = row_config(overrides, s, train.x.shape[0])
     result = training.train(config, data, s.seeds, s.num_steps, s.num_evals, devices,
                             settings_lib.NUM_HIDDEN)

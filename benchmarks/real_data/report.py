@@ -53,7 +53,8 @@ def plot(rows, outdir: str) -> list:
   """Final test accuracy and training loss against Mbit sent per device, one point a row.
 
   Error bars span the seeds' minimum to maximum; the color is the method's family, the
-  marker's shape its level, a hollow marker a step-size rule other than the fixed one. Writes ``OUTDIR/real_data.png``.
+  marker's shape its level, a hollow marker a step-size rule other than the fixed one.
+  Writes ``OUTDIR/real_data.png``.
 
   Args:
     rows: ``benchmark.run``'s rows.

@@ -62,7 +62,10 @@ def _fixed(overrides: dict) -> dict:
 # Step-size rule -> (label suffix, overrides -> overrides or None when the rule does not
 # apply to the row).
 STEP_SIZES = {"fixed": ("", _fixed)}
-QUICK_METHODS = ("float32", "powersgd_r1", "easgd_tau4")
+# The quick mode's rows (method, step-size rule): the float32 baseline, a compressor and an
+# elastic method, each compiled in a few seconds.
+QUICK_ROWS = (("float32", "fixed"), ("powersgd_r1", "fixed"), ("easgd_tau4", "fixed"))
+QUICK_METHODS = tuple(dict.fromkeys(method for method, _ in QUICK_ROWS))
 # The training problem (both modes).
 BATCH_SIZE = 128
 NUM_HIDDEN = 32
@@ -72,11 +75,12 @@ FULL = {"num_steps": 400, "num_seeds": 3, "num_evals": 8, "methods": tuple(METHO
 QUICK = {"num_steps": 20, "num_seeds": 1, "num_evals": 2, "methods": QUICK_METHODS}
 
 
-def rows(methods, step_sizes):
+def rows(methods, step_sizes, pairs=None):
   """The ``(method key, step-size rule, label, Config overrides)`` of every row to train.
 
   Every method under every rule that applies to it, rule by rule in the order of
-  :data:`STEP_SIZES`, methods in the order of :data:`METHODS`.
+  :data:`STEP_SIZES`, methods in the order of :data:`METHODS`; with ``pairs``, only the
+  ``(method, rule)`` pairs it holds.
 
   Example:
     >>> [r[0] for r in rows(("float32", "qsgd_s4"), ("fixed",))]
@@ -88,7 +92,7 @@ def rows(methods, step_sizes):
     for key in (k for k in METHODS if k in methods):
       label, overrides = METHODS[key]
       changed = apply(overrides)
-      if changed is not None:
+      if changed is not None and (pairs is None or (key, rule) in pairs):
         out.append((key, rule, label + suffix, changed))
   return out
 
@@ -107,6 +111,7 @@ class Settings:
     num_evals: scores per run (after every ``num_steps / num_evals`` steps).
     seed: the first seed.
     batch_size: global mini-batch size.
+    pairs: None, or the only ``(method, rule)`` pairs to train (the quick mode's rows).
   """
   outdir: str
   quick: bool
@@ -117,7 +122,13 @@ class Settings:
   num_evals: int
   seed: int
   batch_size: int = BATCH_SIZE
+  pairs: tuple | None = None
 
   @property
   def seeds(self) -> tuple:
     return tuple(range(self.seed, self.seed + self.num_seeds))
+
+  @property
+  def rows(self) -> list:
+    """:func:`rows` of these settings."""
+    return rows(self.methods, self.step_sizes, self.pairs)
