@@ -1,6 +1,6 @@
 r"""Every compressor on equal terms: bits on the wire and error reached on the planted ReLU.
 
-Three sections, all on the default planted problem of ``python -m jrelu.train`` (d =
+Four sections, all on the default planted problem of ``python -m jrelu.train`` (d =
 1000, n = 4000, global batch 1024):
 
 * ``wire``: bits one device sends per step, read from the compiled training step's HLO
@@ -12,14 +12,22 @@ Three sections, all on the default planted problem of ``python -m jrelu.train`` 
 * ``elastic``: the rows of ``ELASTIC_METHODS`` the same way: EASGD, EAMSGD and DOWNPOUR
   (``jrelu.easgd``), uncompressed and with compressed exchanges, every ``tau`` steps,
   next to float32 and QSGD SGD: bits to relative error 1e-4.
+* ``armijo``: each row of ``METHODS`` again, its step size replaced by
+  ``--step_size=armijo`` (``jrelu.linesearch``, default constants, no step size anywhere),
+  once with the scaled descent step and once unscaled (``--armijo_scale=1``), to 1e-4 or
+  3000 steps; and every codec on the planted two-layer network (``jrelu.network``, d = 20,
+  K = 4, n = 400, batch 256, 8 devices), scaled and unscaled, 1000 steps.
+  Subramaniam, Magesh, Veeravalli, arXiv 2207.10046: claims (a) converges for every
+  compressor without tuning, (b) without the scaling can fail to converge.
 
     python -m benchmarks.compressors --outdir=runs/compressors
     python -m benchmarks.compressors --sections=wire --quick
     python -m benchmarks.compressors --sections=elastic
+    python -m benchmarks.compressors --sections=armijo --outdir=runs/armijo
 
 Ends by printing one JSON line; writes ``OUTDIR/summary.md`` (the README's tables),
-``OUTDIR/bits_to_threshold.png`` and ``OUTDIR/elastic_bits_to_threshold.png``. Runs train
-through ``jrelu.experiment.run``.
+``OUTDIR/bits_to_threshold.png``, ``OUTDIR/elastic_bits_to_threshold.png`` and
+``OUTDIR/armijo.png``. Planted runs train through ``jrelu.experiment.run``.
 """
 
 from __future__ import annotations
@@ -34,17 +42,21 @@ from absl import flags
 from absl import logging
 import jax
 
+import numpy as np
+
 from benchmarks import common
 from jrelu import aggregation
 from jrelu import easgd
 from jrelu import experiment
+from jrelu import linesearch
+from jrelu import network
 from jrelu import parallel
 from jrelu import planted
 from jrelu import sampling
 from jrelu import transforms
 from jrelu import wire
 
-SECTIONS = ("wire", "convergence", "elastic")
+SECTIONS = ("wire", "convergence", "elastic", "armijo")
 
 PROG = "benchmarks.compressors"
 
@@ -77,6 +89,10 @@ def define_flags(flag_values: flags.FlagValues) -> None:
                           "Which sections to run.", flag_values=fv)
   flags.DEFINE_bool("quick", False, "Wire bits at 8 devices only and no training "
                     "(about a minute).", flag_values=fv)
+  flags.DEFINE_integer("armijo_steps", 3000, "armijo: step cap of the planted runs.",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("network_steps", 1000, "armijo: steps of the network runs.",
+                       lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of data, initialization and compression noise.",
                        lower_bound=0, flag_values=fv)
 
@@ -293,6 +309,248 @@ def convergence_section(outdir: str, seed: int, devices, methods=None):
   return rows
 
 
+# Settings of a fixed step size, replaced by the search in the armijo section.
+_FIXED_STEP = ("learning_rate", "lr_schedule", "decay_steps", "decay_rate")
+ARMIJO_TARGET = 1e-4
+NETWORK_TARGET = 1e-6   # training loss relative to its initial value
+
+
+def armijo_overrides(overrides: dict, scale: float | None = None) -> dict:
+  """A METHODS row's Config overrides with ``step_size="armijo"`` in place of its step size.
+
+  Args:
+    overrides: the row's ``jrelu.experiment.Config`` overrides.
+    scale: ``armijo_scale`` (None: the default).
+
+  Example:
+    >>> armijo_overrides(dict(compressor="terngrad", learning_rate=0.1), 1.0)
+    {'compressor': 'terngrad', 'step_size': 'armijo', 'armijo_scale': 1.0}
+  """
+  out = {k: v for k, v in overrides.items() if k not in _FIXED_STEP}
+  out["step_size"] = "armijo"
+  if scale is not None:
+    out["armijo_scale"] = scale
+  return out
+
+
+def armijo_section(outdir: str, seed: int, devices, num_steps: int = 3000):
+  """Every METHODS row with the Armijo search, scaled and unscaled, on the planted ReLU.
+
+  Args:
+    outdir: runs go to :func:`run_dir` (``armijo ...``).
+    seed: the Config's seed.
+    devices: the devices to train on.
+    num_steps: the step cap (a run stops at relative error 1e-4).
+
+  Returns:
+    One result dict per (row, scaling): steps to 1e-4, final error, bits per step with
+    the search's trials, trials per step.
+  """
+  rows = []
+  for name, overrides, _ in METHODS:
+    for scaled in (True, False):
+      settings = armijo_overrides(overrides, None if scaled else 1.0)
+      workdir = run_dir(outdir, f"armijo {name}" + ("" if scaled else " unscaled"))
+      config = experiment.Config(**settings, num_steps=num_steps,
+                                 target_relative_error=ARMIJO_TARGET, log_every=50,
+                                 seed=seed)
+      start = time.perf_counter()
+      try:
+        summary = experiment.run(config, workdir, devices=devices, fresh=True)
+      except experiment.DivergedError as e:
+        with open(os.path.join(workdir, "summary.json")) as f:
+          summary = json.load(f)
+        summary["diverged_at_step"] = e.step
+      steps = summary["steps_to_target"]
+      bits = summary["wire_bits_per_step_per_device"]
+      rows.append({
+          "method": name, "scaled": scaled, "flags": flags_of(settings),
+          "status": summary["status"], "steps_to_threshold": steps,
+          "steps": summary["steps"], "relative_error": summary["relative_error"],
+          "wire_bits_per_step_per_device": bits,
+          "linesearch_trials_per_step": (summary["linesearch_trials"] / summary["steps"]
+                                         if summary["steps"] else None),
+          "bits_to_threshold_per_device": steps * bits if steps and bits else None,
+          "wall_seconds": time.perf_counter() - start,
+          "metrics_path": os.path.join(workdir, "metrics.jsonl"),
+      })
+      logging.info("armijo %-32s %s: %s, %s steps to %.0e, error %.2e", name,
+                   "scaled" if scaled else "unscaled", summary["status"], steps,
+                   ARMIJO_TARGET, summary["relative_error"])
+  return rows
+
+
+def network_armijo_section(seed: int, devices, num_steps: int = 1000,
+                           log_every: int = 50):
+  """Every METHODS codec with the Armijo search on the planted two-layer network.
+
+  The network of ``jrelu.network`` (d = 20, K = 4 hidden units, n = 400, global batch 256
+  drawn with replacement), data-parallel on ``devices`` under ``jax.pmap``, with the
+  transform ``jrelu.experiment.make_tx`` builds for each row, scaled and unscaled.
+
+  Args:
+    seed: seed of the teacher, data, initialization and compression noise.
+    devices: the devices to train on.
+    num_steps: steps per run.
+    log_every: steps between recorded training losses.
+
+  Returns:
+    One dict per (codec, scaling): the training loss relative to its initial value
+    every ``log_every`` steps and at the end, trials per step.
+  """
+  key = jax.random.key(seed)
+  teacher = network.sample_teacher(jax.random.fold_in(key, 0), 20, 4)
+  data = network.sample_dataset(jax.random.fold_in(key, 1), teacher, 400)
+  params = network.init_params(jax.random.fold_in(key, 2), (data, teacher), scale=1.0)
+  loss = jax.jit(lambda p: network.loss(p, data.x, data.y))
+  initial = float(loss(params))
+  batch_fn = sampling.make_batch_fn(256, sampling="replacement")
+  rows = []
+  for name, overrides, _ in METHODS:
+    codec = {k: v for k, v in overrides.items() if k not in _FIXED_STEP}
+    for scaled in (True, False):
+      config = experiment.resolve(experiment.Config(
+          **armijo_overrides(overrides, None if scaled else 1.0), seed=seed))
+      tx = experiment.make_tx(config, jax.random.fold_in(key, 3), len(devices))
+      step = parallel.make_step(network.loss, batch_fn, tx, extra_args=True,
+                                opt_metrics_fn=linesearch.metrics)
+      run = parallel.pmapped(parallel.scan_steps(step, log_every), devices)
+      state, inputs = parallel.replicate(
+          (parallel.init_state(params, tx), ((data, teacher), jax.random.fold_in(key, 4))),
+          devices)
+      losses, trials = [], 0
+      start = time.perf_counter()
+      # Some codecs send more than float32 on the network's tiny leaves, and warn so;
+      # this table is about training.
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore", transforms.WireCostWarning)
+        for _ in range(num_steps // log_every):
+          state, metrics = run(state, *inputs)
+          trials += int(np.asarray(metrics["linesearch_trials"])[0].sum())
+          losses.append(float(loss(parallel.unreplicate(state.params))) / initial)
+      rows.append({"method": name, "codec": flags_of(codec),
+                   "scaled": scaled, "relative_loss": losses,
+                   "final_relative_loss": losses[-1],
+                   "linesearch_trials_per_step": trials / num_steps,
+                   "wall_seconds": time.perf_counter() - start})
+      logging.info("network %-32s %s: relative training loss %.2e", name,
+                   "scaled" if scaled else "unscaled", losses[-1])
+  return rows
+
+
+def armijo_markdown(rows, network_rows, convergence_rows=(), network_log_every: int = 50
+                    ) -> str:
+  """The README tables of the armijo section.
+
+  Args:
+    rows: :func:`armijo_section`'s rows.
+    network_rows: :func:`network_armijo_section`'s rows.
+    convergence_rows: :func:`convergence_section`'s rows (for the tuned fixed step's
+      steps), or empty.
+    network_log_every: steps between the network rows' recorded losses.
+
+  Returns:
+    Markdown text.
+  """
+  fixed = {r["method"]: r for r in convergence_rows}
+  head = ("| method | steps to 1e-4, Armijo | bits/step/device (trials/step) | Mbit to 1e-4 | "
+          + ("fixed tuned step: steps to its threshold | " if fixed else "")
+          + "unscaled (scale 1): 1e-4 at, or the end |")
+  lines = [head, "|---|---:|---:|---:|" + ("---:|" if fixed else "") + "---|"]
+  by_method = {}
+  for r in rows:
+    by_method.setdefault(r["method"], {})[r["scaled"]] = r
+  for name, pair in by_method.items():
+    a, u = pair.get(True), pair.get(False)
+    if a is None or u is None:
+      continue
+    mbit = (f"{a['bits_to_threshold_per_device'] / 1e6:.2f}"
+            if a["bits_to_threshold_per_device"] else "-")
+    bits = (f"{a['wire_bits_per_step_per_device']:,.0f} ({a['linesearch_trials_per_step']:.1f})"
+            if a["wire_bits_per_step_per_device"] else "-")
+    tuned = ""
+    if fixed:
+      f = fixed.get(name)
+      tuned = (f"{f['steps_to_threshold']} to {f['threshold']:.0e} | "
+               if f and f["steps_to_threshold"] else "- | ")
+    if u["status"] == "diverged":
+      unscaled = f"diverged (Inf/NaN) at step {u['steps'] + 1}"
+    elif u["steps_to_threshold"]:
+      unscaled = f"step {u['steps_to_threshold']}"
+    else:
+      unscaled = f"error {u['relative_error']:.1e} after {u['steps']} steps"
+    lines.append(f"| {name} | {a['steps_to_threshold'] or a['status']} | {bits} | {mbit} "
+                 f"| {tuned}{unscaled} |")
+  if network_rows:
+    lines += ["", "| codec (network) | Armijo: steps to loss 1e-6 x initial | at the end | "
+              "unscaled: steps to 1e-6 x | at the end |", "|---|---:|---:|---:|---:|"]
+    pairs = {}
+    for r in network_rows:
+      pairs.setdefault(r["method"], {})[r["scaled"]] = r
+    for name, pair in pairs.items():
+      cells = []
+      for scaled in (True, False):
+        r = pair[scaled]
+        hit = next((i for i, x in enumerate(r["relative_loss"]) if x <= NETWORK_TARGET), None)
+        cells += [str(network_log_every * (hit + 1)) if hit is not None else "-",
+                  f"{r['final_relative_loss']:.1e}"]
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def armijo_plot(rows, network_rows, outdir, network_log_every: int = 50):
+  """Planted-ReLU error and network loss against step, scaled and unscaled.
+
+  Writes ``OUTDIR/armijo.png``; nothing when matplotlib is not installed.
+
+  Args:
+    rows: :func:`armijo_section`'s rows (their metrics files are read).
+    network_rows: :func:`network_armijo_section`'s rows.
+    outdir: the output directory.
+    network_log_every: steps between the network rows' recorded losses.
+  """
+  plt = common.pyplot()
+  if plt is None:
+    return
+  fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
+  names = list(dict.fromkeys([r["method"] for r in rows] + [r["method"] for r in network_rows]))
+  cmap = plt.get_cmap("tab20")
+  style = {name: (cmap(i % 20), "-" if i % 2 == 0 else "--") for i, name in enumerate(names)}
+  for r in rows:
+    if not os.path.exists(r["metrics_path"]):
+      continue
+    with open(r["metrics_path"]) as f:
+      records = [json.loads(line) for line in f]
+    color, line = style[r["method"]]
+    axes[0, 0 if r["scaled"] else 1].semilogy(
+        [0] + [x["step"] for x in records],
+        [1.0] + [min(x["relative_error"], 1e6) for x in records], line, color=color,
+        label=r["method"])
+  for r in network_rows:
+    color, line = style[r["method"]]
+    steps = [network_log_every * (i + 1) for i in range(len(r["relative_loss"]))]
+    axes[1, 0 if r["scaled"] else 1].semilogy([0] + steps, [1.0] + r["relative_loss"], line,
+                                              color=color, label=r["method"])
+  titles = [["planted ReLU (d=1000, 8 devices): Armijo, scale 1/2",
+             "planted ReLU: Armijo unscaled (scale 1; clipped at 1e6)"],
+            ["two-layer network (d=20, K=4, 8 devices): scale 1/2",
+             "two-layer network: unscaled"]]
+  for i in range(2):
+    for j in range(2):
+      axes[i, j].set_title(titles[i][j], fontsize=9)
+      axes[i, j].grid(True, which="both", alpha=0.3)
+      axes[i, j].set_xlabel("step")
+    axes[i, 0].set_ylabel(r"$\|w - w^*\| / \|w^*\|$" if i == 0
+                          else "training loss / initial")
+  handles, labels = axes[0, 0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=7)
+  fig.suptitle("Armijo step sizes (jrelu.armijo, default constants): no step size tuned",
+               fontsize=10)
+  fig.tight_layout(rect=(0, 0.07, 1, 1))
+  fig.savefig(os.path.join(outdir, "armijo.png"), dpi=90)
+  plt.close(fig)
+
+
 def markdown(wire_rows, convergence_rows, device_counts, elastic_rows=()) -> str:
   """The README tables of ``OUTDIR/summary.md``.
 
@@ -387,11 +645,19 @@ def main(argv):
     elastic_rows = convergence_section(os.path.join(fv.outdir, "elastic"), fv.seed, devices,
                                        ELASTIC_METHODS)
     plot(elastic_rows, fv.outdir, "elastic_bits_to_threshold.png")
+  armijo_rows, network_rows = [], []
+  if "armijo" in fv.sections and not fv.quick:
+    armijo_rows = armijo_section(fv.outdir, fv.seed, devices, fv.armijo_steps)
+    network_rows = network_armijo_section(fv.seed, devices, fv.network_steps)
+    armijo_plot(armijo_rows, network_rows, fv.outdir)
   with open(os.path.join(fv.outdir, "summary.md"), "w") as f:
     f.write(markdown(wire_rows, convergence_rows, device_counts, elastic_rows))
+    if armijo_rows:
+      f.write("\n" + armijo_markdown(armijo_rows, network_rows, convergence_rows))
   common.print_json_line({
       "benchmark": "compressors", **common.machine_info(),
       "wire": wire_rows, "convergence": convergence_rows, "elastic": elastic_rows,
+      "armijo": armijo_rows, "armijo_network": network_rows,
       "wall_seconds": time.perf_counter() - start,
   })
 

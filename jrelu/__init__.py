@@ -9,6 +9,7 @@ from jrelu import checkpoint
 from jrelu import compressors
 from jrelu import easgd
 from jrelu import experiment
+from jrelu import linesearch
 from jrelu import mlp
 from jrelu import network
 from jrelu import parallel
@@ -17,11 +18,13 @@ from jrelu import powersgd
 from jrelu import processes
 from jrelu import sampling
 from jrelu import wire
+from jrelu.linesearch import ArmijoState, armijo
 from jrelu.transforms import CompressState, ErrorFeedbackState, compress, error_feedback
 from jrelu.transforms import WireCostWarning, qsgd, signum
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressState", "ErrorFeedbackState", "WireCostWarning", "aggregation", "checkpoint",
-           "compress", "compressors", "easgd", "error_feedback", "experiment", "mlp", "network",
-           "parallel", "planted", "powersgd", "processes", "qsgd", "sampling", "signum", "wire"]
+__all__ = ["ArmijoState", "CompressState", "ErrorFeedbackState", "WireCostWarning", "aggregation",
+           "armijo", "checkpoint", "compress", "compressors", "easgd", "error_feedback",
+           "experiment", "linesearch", "mlp", "network", "parallel", "planted", "powersgd",
+           "processes", "qsgd", "sampling", "signum", "wire"]

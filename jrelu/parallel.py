@@ -73,7 +73,8 @@ def init_state(params, tx: optax.GradientTransformation) -> TrainState:
 
 
 def make_step(loss_fn: Callable, batch_fn: Callable, tx: optax.GradientTransformation, *,
-              metrics_fn: Callable | None = None, axis_name: str | None = AXIS_NAME):
+              metrics_fn: Callable | None = None, axis_name: str | None = AXIS_NAME,
+              extra_args: bool = False, opt_metrics_fn: Callable | None = None):
   """Builds one per-device training step.
 
   Args:
@@ -85,6 +86,12 @@ def make_step(loss_fn: Callable, batch_fn: Callable, tx: optax.GradientTransform
     metrics_fn: optional ``metrics_fn(params, data) -> dict`` of scalars computed after
       the update (no collectives, so it costs no wire bits).
     axis_name: the device axis, or None for a single-device step.
+    extra_args: also pass ``tx.update`` optax's line-search arguments (its
+      ``GradientTransformationExtraArgs`` protocol): ``value=`` this device's loss,
+      ``grad=`` its gradient, ``value_fn=`` the loss as ``value_fn(params, batch)`` and
+      ``batch=`` its shard, all of this device (``jrelu.armijo`` averages what it needs).
+    opt_metrics_fn: optional ``opt_metrics_fn(opt_state) -> dict`` of scalars read from
+      the updated optax state (e.g. ``jrelu.linesearch.metrics``: step size and trials).
 
   Returns:
     ``step(state, data, key) -> (state, metrics)`` where ``metrics["loss"]`` is this
@@ -108,14 +115,27 @@ def make_step(loss_fn: Callable, batch_fn: Callable, tx: optax.GradientTransform
       num_shards = jax.lax.axis_size(axis_name)
     batch = batch_fn(jax.random.fold_in(key, state.step), data, shard_index, num_shards)
     loss, grads = jax.value_and_grad(loss_fn)(state.params, *batch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if extra_args:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss,
+                                     grad=grads, value_fn=_batch_loss(loss_fn), batch=batch)
+    else:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss}
+    if opt_metrics_fn is not None:
+      metrics.update(opt_metrics_fn(opt_state))
     if metrics_fn is not None:
       metrics.update(metrics_fn(params, data))
     return TrainState(params, opt_state, state.step + 1), metrics
 
   return step
+
+
+def _batch_loss(loss_fn: Callable) -> Callable:
+  """``value_fn(params, batch) = loss_fn(params, *batch)``: optax reads the name ``batch``."""
+  def value_fn(params, batch):
+    return loss_fn(params, *batch)
+  return value_fn
 
 
 def scan_steps(step: Callable, num_steps: int):

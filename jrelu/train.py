@@ -13,16 +13,22 @@ field of ``experiment.Config`` is a flag of the same name (``--help`` lists them
     python -m jrelu.train --algorithm=easgd --tau=16 --learning_rate=0.2
     python -m jrelu.train --algorithm=eamsgd --tau=4 --momentum=0.9 --compressor=none
     python -m jrelu.train --algorithm=downpour --tau=4 --learning_rate=0.025
+    python -m jrelu.train --compressor=sign --aggregation=majority_vote --step_size=armijo
 
 ``--algorithm=easgd|eamsgd|downpour`` (Zhang, Choromanska, LeCun, arXiv 1412.6651; see
 ``jrelu.easgd``) keeps each device's own parameters and exchanges with a center every
 ``--tau`` steps, with moving rate ``--alpha`` (default 0.9 / N) and, for EAMSGD,
 Nesterov ``--momentum`` (default 0.99); the compressor applies to what is exchanged.
 
-A flag that the chosen compressor, schedule or algorithm does not use is an error
-(``--num_levels`` with ``--compressor=sign``, ``--decay_rate`` with
+``--step_size=armijo`` (Subramaniam, Magesh, Veeravalli, arXiv 2207.10046; see
+``jrelu.linesearch``) replaces ``--learning_rate`` by a backtracking search on the
+compressed direction, with a scaled step (``--armijo_*`` flags).
+
+A flag that the chosen compressor, schedule, step size rule or algorithm does not use is an
+error (``--num_levels`` with ``--compressor=sign``, ``--decay_rate`` with
 ``--lr_schedule=constant``, ``--aggregation`` with ``--compressor=powersgd``, ``--tau``
-with ``--algorithm=sgd``), never silently ignored.
+with ``--algorithm=sgd``, ``--learning_rate`` with ``--step_size=armijo``), never silently
+ignored.
 
 Several processes form one job with ``--coordinator_address``, ``--num_processes`` and
 ``--process_id`` (or a cluster's environment, e.g. SLURM's ``srun``; ``python -m

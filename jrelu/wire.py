@@ -14,8 +14,13 @@ all-to-all          (N-1)/N * S
 collective-permute  S
 ==================  ===================
 
-Asynchronous pairs are charged once (at ``*-start``). A collective inside a loop body is
-counted once, so measure a program that runs exactly one step.
+Asynchronous pairs are charged once (at ``*-start``). A collective inside a ``while`` loop
+(its body or condition, or anything they call) runs once per iteration, a number the
+program text does not hold: it is marked ``in_loop`` and counted once, in
+``WireReport.loop_bits``, and ``WireReport.bits(iterations)`` charges it per iteration.
+So measure a program that runs exactly one step; in a one-step program of jrelu the only
+such collective is a line search's trial (``jrelu.linesearch``), whose iterations its
+state counts.
 
 References:
   Thakur, Rabenseifner, Gropp, "Optimization of Collective Communication Operations in
@@ -43,6 +48,10 @@ _FACTORS = {
 }
 _SHAPE = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*->.*\{\s*$")
+_LOOP_CALLS = re.compile(r"\b(?:body|condition)=%?([\w.\-]+)")
+_CALLS = re.compile(r"\b(?:to_apply|calls|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,13 +64,15 @@ class Collective:
       ``collective-permute``.
     operand_bits: S, one device's operand size in bits.
     group_size: N, devices in one replica group.
-    sent_bits: bits one device sends, ``factor(op, N) * S``.
+    sent_bits: bits one device sends, ``factor(op, N) * S``, each time it runs.
+    in_loop: whether it sits inside a ``while`` loop (runs once per iteration).
   """
   name: str
   op: str
   operand_bits: int
   group_size: int
   sent_bits: float
+  in_loop: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,14 +81,36 @@ class WireReport:
 
   Attributes:
     collectives: every collective found.
-    sent_bits: sum of ``sent_bits`` over them.
+    sent_bits: sum of ``sent_bits`` over them, each counted once (a loop's collectives
+      as if the loop ran once).
     operand_bits: sum of ``operand_bits`` over them.
+    fixed_bits: sum of ``sent_bits`` over the collectives outside loops.
+    loop_bits: sum of ``sent_bits`` over the collectives inside loops: what one more
+      iteration sends.
   """
   collectives: tuple[Collective, ...]
 
   @property
   def sent_bits(self) -> float:
     return sum(c.sent_bits for c in self.collectives)
+
+  @property
+  def fixed_bits(self) -> float:
+    return sum(c.sent_bits for c in self.collectives if not c.in_loop)
+
+  @property
+  def loop_bits(self) -> float:
+    return sum(c.sent_bits for c in self.collectives if c.in_loop)
+
+  def bits(self, iterations: float = 1) -> float:
+    """Bits one device sends when the program's loop runs ``iterations`` times.
+
+    ``fixed_bits + iterations * loop_bits``; with no loop, ``sent_bits`` for any value.
+
+    Example:
+      >>> report.bits(iterations=3)   # a step whose line search made 3 trials
+    """
+    return self.fixed_bits + iterations * self.loop_bits
 
   @property
   def operand_bits(self) -> int:
@@ -166,10 +199,24 @@ def parse(hlo_text: str) -> WireReport:
                       int(replicas.group(1)) if replicas else 1)
   shapes: dict[str, str] = {}
   found = []
+  where = []          # the computation of each collective found
+  calls: dict[str, set] = {}   # computation -> computations its instructions call
+  loops: set = set()  # computations run as a while loop's body or condition
+  computation = ""
   for line in hlo_text.splitlines():
+    opening = _COMPUTATION.match(line)
+    if opening and not _INSTRUCTION.match(line):
+      computation = opening.group(1)
+      continue
     match = _INSTRUCTION.match(line)
     if not match:
       continue
+    loops.update(_LOOP_CALLS.findall(line))
+    callees = calls.setdefault(computation, set())
+    callees.update(_LOOP_CALLS.findall(line))
+    callees.update(_CALLS.findall(line))
+    for branches in _BRANCHES.findall(line):
+      callees.update(b.strip().lstrip("%") for b in branches.split(",") if b.strip())
     name, rest = match.groups()
     shape, call = _split_shape(rest.strip())
     shapes[name] = shape
@@ -183,7 +230,16 @@ def parse(hlo_text: str) -> WireReport:
                        else shape_bits(shapes.get(operand.lstrip("%"), "")))
     n = _group_size(call, default_group)
     found.append(Collective(name, op, operand_bits, n, _FACTORS[op](n) * operand_bits))
-  return WireReport(tuple(found))
+    where.append(computation)
+  in_loops = set()
+  pending = list(loops)
+  while pending:   # everything a loop body or condition calls runs inside the loop
+    inner = pending.pop()
+    if inner not in in_loops:
+      in_loops.add(inner)
+      pending.extend(calls.get(inner, ()))
+  return WireReport(tuple(dataclasses.replace(c, in_loop=w in in_loops)
+                          for c, w in zip(found, where)))
 
 
 def measure(fn, *args) -> WireReport:

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from jrelu import experiment
+from jrelu import linesearch
 from jrelu import powersgd
 from jrelu import transforms
 
@@ -22,6 +23,13 @@ def test_resolve_fills_only_the_defaults_the_method_uses():
                                                lr_schedule="inverse_sqrt"))
   assert (power.rank, power.aggregation, power.num_levels) == (1, None, None)
   assert (power.decay_steps, power.decay_rate) == (100, None)
+  assert (config.learning_rate, config.lr_schedule, config.armijo_scale) == (0.5, "constant",
+                                                                            None)
+  armijo = experiment.resolve(experiment.Config(step_size="armijo"))
+  assert (armijo.learning_rate, armijo.lr_schedule, armijo.decay_steps) == (None, None, None)
+  assert (armijo.armijo_scale, armijo.armijo_max_learning_rate, armijo.armijo_slope_rtol,
+          armijo.armijo_decrease_factor, armijo.armijo_increase_factor,
+          armijo.armijo_max_trials) == (0.5, 10.0, 0.1, 0.9, 1.5, 100)
   explicit = experiment.Config(num_levels=8, aggregation="psum")
   assert experiment.resolve(explicit).num_levels == 8
   assert experiment.resolve(explicit).aggregation == "psum"
@@ -56,6 +64,13 @@ def test_resolve_fills_only_the_defaults_the_method_uses():
     (dict(algorithm="easgd", exchange="round_robin"), "compressor"),
     (dict(algorithm="easgd", exchange="round_robin", compressor="none",
           aggregation="psum"), "aggregation"),
+    (dict(armijo_scale=0.5), "armijo_scale"),
+    (dict(step_size="armijo", learning_rate=0.1), "learning_rate"),
+    (dict(step_size="armijo", lr_schedule="exponential"), "lr_schedule"),
+    (dict(step_size="armijo", decay_steps=10), "decay_steps"),
+    (dict(step_size="armijo", armijo_slope_rtol=1.0), "armijo_slope_rtol"),
+    (dict(step_size="armijo", armijo_increase_factor=0.5), "armijo_increase_factor"),
+    (dict(step_size="armijo", armijo_max_trials=0), "armijo_max_trials"),
 ])
 def test_a_setting_the_method_does_not_use_or_a_bad_value_is_an_error(overrides, field):
   with pytest.raises(experiment.ConfigError) as info:
@@ -75,6 +90,8 @@ def test_the_transform_follows_the_compressor():
   assert isinstance(power.init(params)[0], powersgd.PowerSGDState)
   momentum = experiment.make_tx(experiment.Config(momentum=0.9), key, 2)
   assert isinstance(momentum.init(params)[0], optax.EmaState)
+  armijo = experiment.make_tx(experiment.Config(step_size="armijo", armijo_scale=0.25), key, 2)
+  assert isinstance(armijo.init(params)[-1], linesearch.ArmijoState)
   assert experiment.make_codec(experiment.Config(compressor="atomo", dim=1000), 8).budget == 15
   with pytest.raises(experiment.ConfigError, match="algorithm='easgd' is no optax"):
     experiment.make_tx(experiment.Config(algorithm="easgd"), key, 2)

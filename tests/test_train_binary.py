@@ -124,6 +124,15 @@ BAD_INPUTS = [
     (["--algorithm=easgd", "--alpha=0"], "--alpha=0"),
     (["--algorithm=adam"], "--algorithm"),
     (["--lr_schedule=cosine"], "--lr_schedule"),
+    (["--step_size=line"], "--step_size"),
+    (["--armijo_scale=0.25"], "--armijo_scale=0.25 has no effect with --step_size='fixed' "
+     "(it applies to --step_size='armijo')"),
+    (["--step_size=armijo", "--learning_rate=0.1"], "--learning_rate=0.1 has no effect "
+     "with --step_size='armijo' (it applies to --step_size='fixed')"),
+    (["--step_size=armijo", "--lr_schedule=exponential"], "--lr_schedule='exponential' has "
+     "no effect with --step_size='armijo'"),
+    (["--step_size=armijo", "--armijo_slope_rtol=1"], "--armijo_slope_rtol=1.0"),
+    (["--step_size=armijo", "--armijo_max_trials=0"], "--armijo_max_trials=0"),
     # Bounded by what the code represents, the reason in the line.
     (["--seed=4294967296"], "--seed=4294967296: must be an integer in [0, 4294967295] "
      "(jax.random.key takes a 32-bit seed)"),

@@ -162,6 +162,60 @@ def test_parse_synthetic_hlo():
   assert report.operand_bits == 320 + 192 + 192 + 192 + 320
 
 
+# A search's loop (as jrelu.armijo compiles it): the trial's all-reduce in the while body,
+# a second one in a computation the body calls, and one in a conditional branch outside
+# any loop.
+LOOP_HLO = """HloModule jit_step, entry_computation_layout={()}, num_partitions=8
+
+%sum (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%inner (q: f32[2]) -> f32[2] {
+  %q = f32[2]{0} parameter(0)
+  ROOT %deep = f32[2]{0} all-reduce(%q), replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%sum
+}
+
+%body (t: (f32[], s32[])) -> (f32[], s32[]) {
+  %t = (f32[], s32[]) parameter(0)
+  %v = f32[] get-tuple-element(%t), index=0
+  %trial = f32[] all-reduce(%v), replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%sum
+  %c = f32[2]{0} call(%w), to_apply=%inner
+  ROOT %r = (f32[], s32[]) tuple(%trial, %i)
+}
+
+%cond (t: (f32[], s32[])) -> pred[] {
+  %t = (f32[], s32[]) parameter(0)
+  ROOT %p = pred[] constant(true)
+}
+
+%branch (x: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  ROOT %once = f32[4]{0} all-reduce(%x), replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%sum
+}
+
+ENTRY %main (p0: f32[4], p1: (f32[], s32[])) -> f32[4] {
+  %p0 = f32[4]{0} parameter(0)
+  %p1 = (f32[], s32[]) parameter(1)
+  %loop = (f32[], s32[]) while(%p1), condition=%cond, body=%body
+  ROOT %k = f32[4]{0} conditional(%pr, %p0, %p0), branch_computations={%branch, %branch}
+}
+"""
+
+
+def test_parse_marks_the_collectives_of_a_loop():
+  report = wire.parse(LOOP_HLO)
+  assert {c.name: c.in_loop for c in report.collectives} == {
+      "deep": True, "trial": True, "once": False}
+  per = 2 * 7 / 8
+  assert report.loop_bits == per * (32 + 64)
+  assert report.fixed_bits == per * 128
+  assert report.bits(3) == per * 128 + 3 * per * (32 + 64)
+  assert report.sent_bits == report.bits(1)   # each counted once
+
+
 def test_shape_bits():
   assert wire.shape_bits("f32[8,3]{1,0}") == 768
   assert wire.shape_bits("(bf16[4]{0}, pred[2]{0}, s8[])") == 64 + 16 + 8

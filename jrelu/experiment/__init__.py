@@ -11,7 +11,8 @@ update.
 
 :class:`Config` is frozen and typed; its fields are the binary's flags, one for one.
 Settings that only some methods use (``num_levels`` for QSGD, ``rank`` for PowerSGD,
-``decay_rate`` for the exponential schedule, ...) default to None, meaning "the method's
+``decay_rate`` for the exponential schedule, ``learning_rate`` for a fixed step size,
+the ``armijo_*`` constants for ``step_size="armijo"``, ...) default to None, meaning "the method's
 default"; giving one to a method that does not use it is a :class:`ConfigError`, never
 ignored. :func:`resolve` fills the defaults in, and the summary records the resolved
 values.
@@ -39,7 +40,8 @@ estimate that refuses a config that cannot fit). The public names are re-exporte
 
 from jrelu.experiment.config import ALGORITHM_FIELDS, ALGORITHMS, COMPRESSOR_FIELDS
 from jrelu.experiment.config import COMPRESSORS, Config, ConfigError, DEFAULTS, MAX_SEED, NORMS, POWERSGD
-from jrelu.experiment.config import SCHEDULE_FIELDS, SCHEDULES, describe, make_codec
+from jrelu.experiment.config import SCHEDULE_FIELDS, SCHEDULES, STEP_SIZE_FIELDS, STEP_SIZES
+from jrelu.experiment.config import describe, make_codec
 from jrelu.experiment.config import make_communication, make_schedule, make_step, make_tx
 from jrelu.experiment.config import predicted_wire_bits, resolve, steps_per_exchange
 from jrelu.experiment.files import CHECKPOINT_DIR, RUN_FILES, WriteError, append_line
@@ -49,8 +51,9 @@ from jrelu.experiment.memory import available_memory_bytes, check_memory
 from jrelu.experiment.memory import estimate_memory_bytes
 
 __all__ = ["ALGORITHMS", "ALGORITHM_FIELDS", "CHECKPOINT_DIR", "COMPRESSORS",
-           "COMPRESSOR_FIELDS", "Config", "ConfigError", "DEFAULTS", "DivergedError", "Interrupted", "MAX_SEED", "NORMS", "POWERSGD",
-           "RUN_FILES", "SCHEDULES", "SCHEDULE_FIELDS", "TIMING_FIELDS", "WriteError",
+           "COMPRESSOR_FIELDS", "Config", "ConfigError", "DEFAULTS", "DivergedError",
+           "Interrupted", "MAX_SEED", "NORMS", "POWERSGD", "RUN_FILES", "SCHEDULES",
+           "SCHEDULE_FIELDS", "STEP_SIZES", "STEP_SIZE_FIELDS", "TIMING_FIELDS", "WriteError",
            "append_line", "available_memory_bytes", "check_memory", "check_workdir", "describe",
            "estimate_memory_bytes", "json_safe", "make_codec", "make_communication",
            "make_schedule", "make_step", "make_tx", "predicted_wire_bits", "resolve", "run",

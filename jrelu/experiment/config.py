@@ -26,6 +26,7 @@ from jrelu import _checks
 from jrelu import aggregation
 from jrelu import compressors
 from jrelu import easgd
+from jrelu import linesearch
 from jrelu import parallel
 from jrelu import planted
 from jrelu import powersgd
@@ -35,6 +36,7 @@ from jrelu import transforms
 POWERSGD = "powersgd"
 COMPRESSORS = tuple(sorted(compressors.REGISTRY)) + (POWERSGD,)
 SCHEDULES = ("constant", "exponential", "inverse_sqrt")
+STEP_SIZES = ("fixed", "armijo")
 NORMS = ("l2", "max")
 SGD = "sgd"
 ALGORITHMS = (SGD,) + easgd.ALGORITHMS
@@ -52,11 +54,23 @@ SCHEDULE_FIELDS = {"decay_steps": ("exponential", "inverse_sqrt"),
 # Settings that only some algorithms use, and which.
 ALGORITHM_FIELDS = {"tau": easgd.ALGORITHMS, "exchange": easgd.ALGORITHMS,
                     "alpha": ("easgd", "eamsgd"), "momentum": (SGD, "eamsgd")}
+# Settings that only one step-size rule uses, and which.
+STEP_SIZE_FIELDS = {
+    "learning_rate": ("fixed",), "lr_schedule": ("fixed",), "decay_steps": ("fixed",),
+    "decay_rate": ("fixed",), "armijo_scale": ("armijo",),
+    "armijo_max_learning_rate": ("armijo",), "armijo_slope_rtol": ("armijo",),
+    "armijo_decrease_factor": ("armijo",), "armijo_increase_factor": ("armijo",),
+    "armijo_max_trials": ("armijo",),
+}
 # The defaults that None stands for, where a method uses the setting. A dict maps the
 # algorithm to its default; ``alpha`` (0.9 / N) needs the device count (``resolve``).
 DEFAULTS = {"num_levels": 4, "norm": "max", "rank": 1, "decay_steps": 100,
             "decay_rate": 0.5, "aggregation": "two_phase", "tau": 1,
-            "exchange": "synchronous", "momentum": {SGD: 0.0, "eamsgd": 0.99}}
+            "exchange": "synchronous", "momentum": {SGD: 0.0, "eamsgd": 0.99},
+            "learning_rate": 0.5, "lr_schedule": "constant", "armijo_scale": 0.5,
+            "armijo_max_learning_rate": 10.0, "armijo_slope_rtol": 0.1,
+            "armijo_decrease_factor": 0.9, "armijo_increase_factor": 1.5,
+            "armijo_max_trials": 100}
 
 
 def _field(default, help_text: str, choices: Iterable[str] | None = None):
@@ -115,12 +129,18 @@ class Config:
       "deterministically: the workers meet the center one after another, in device "
       "order; float32 only, so compressor='none').", easgd.EXCHANGES)
   num_steps: int = _field(3000, "Maximum SGD steps.")
-  learning_rate: float = _field(
-      0.5, "SGD step size (> 0); easgd / eamsgd / downpour: each worker's local step size "
-      "(downpour's center adds the N workers' pushes: divide an SGD step size by N).")
-  lr_schedule: str = _field(
-      "constant", "Step size schedule: constant, exponential (x decay_rate every "
-      "decay_steps) or inverse_sqrt (lr / sqrt(1 + step / decay_steps)).", SCHEDULES)
+  step_size: str = _field(
+      "fixed", "Step size rule: fixed (--learning_rate, --lr_schedule) or armijo "
+      "(backtracking search on the compressed direction with a scaled step, "
+      "jrelu.linesearch; its constants are the --armijo_* flags; algorithm=sgd only).",
+      STEP_SIZES)
+  learning_rate: float | None = _field(
+      None, "fixed: SGD step size (> 0; default 0.5); easgd / eamsgd / downpour: each "
+      "worker's local step size (downpour's center adds the N workers' pushes: divide an "
+      "SGD step size by N).")
+  lr_schedule: str | None = _field(
+      None, "fixed: step size schedule, constant (default), exponential (x decay_rate "
+      "every decay_steps) or inverse_sqrt (lr / sqrt(1 + step / decay_steps)).", SCHEDULES)
   decay_steps: int | None = _field(
       None, "exponential / inverse_sqrt: schedule time scale in steps (default 100).")
   decay_rate: float | None = _field(
@@ -129,6 +149,21 @@ class Config:
       None, "sgd: per-device momentum beta in [0, 1) applied before compression (Signum "
       "with --compressor=sign; default 0). eamsgd: each worker's Nesterov momentum delta "
       "in [0, 1) (default 0.99, the authors').")
+  armijo_scale: float | None = _field(
+      None, "armijo: scaling a > 0 of the descent step w -= a eta u (default 0.5; 1 is "
+      "the unscaled search).")
+  armijo_max_learning_rate: float | None = _field(
+      None, "armijo: largest step size eta a search tries (> 0; default 10).")
+  armijo_slope_rtol: float | None = _field(
+      None, "armijo: Armijo constant sigma in (0, 1) (default 0.1).")
+  armijo_decrease_factor: float | None = _field(
+      None, "armijo: backtracking factor beta in (0, 1) (default 0.9).")
+  armijo_increase_factor: float | None = _field(
+      None, "armijo: each search starts at min(this x the last step size, "
+      "armijo_max_learning_rate); >= 1 (default 1.5).")
+  armijo_max_trials: int | None = _field(
+      None, "armijo: most loss evaluations (each a scalar all-reduce) per step; a search "
+      "that finds no step size takes no step (default 100).")
   # Compression.
   compressor: str = _field(
       "qsgd", "Gradient codec ('none' = float32); easgd / eamsgd: the codec of the elastic "
@@ -204,7 +239,8 @@ INT32_WHY = "(JAX counts and indexes in int32)"
 def _validate(config: Config) -> None:
   for name in ("dim", "num_samples", "batch_size", "num_steps", "log_every"):
     checked(name, _checks.integer, getattr(config, name), 1, _checks.INT32_MAX, INT32_WHY)
-  for name in ("num_devices", "decay_steps", "bucket_size", "k", "budget", "rank", "tau"):
+  for name in ("num_devices", "decay_steps", "bucket_size", "k", "budget", "rank", "tau",
+               "armijo_max_trials"):
     checked(name, _checks.optional_integer, getattr(config, name), 1, _checks.INT32_MAX,
             INT32_WHY)
   checked("num_levels", _checks.optional_integer, config.num_levels, 1,
@@ -213,8 +249,16 @@ def _validate(config: Config) -> None:
           "(jax.random.key takes a 32-bit seed)")
   # Floats are used as float32: finite and at most float32's largest value.
   top = _checks.FLOAT32_MAX
-  checked("learning_rate", _checks.number, config.learning_rate, low=0.0, high=top,
-          low_open=True)
+  for name in ("learning_rate", "armijo_scale", "armijo_max_learning_rate"):
+    if getattr(config, name) is not None:
+      checked(name, _checks.number, getattr(config, name), low=0.0, high=top, low_open=True)
+  for name in ("armijo_slope_rtol", "armijo_decrease_factor"):
+    if getattr(config, name) is not None:
+      checked(name, _checks.number, getattr(config, name), low=0.0, high=1.0, low_open=True,
+              high_open=True)
+  if config.armijo_increase_factor is not None:
+    checked("armijo_increase_factor", _checks.number, config.armijo_increase_factor,
+            low=1.0, high=top)
   checked("noise_std", _checks.number, config.noise_std, low=0.0, high=top)
   if config.momentum is not None:
     checked("momentum", _checks.number, config.momentum, low=0.0, high=1.0, high_open=True)
@@ -236,9 +280,14 @@ def _validate(config: Config) -> None:
   if config.batch_size > config.num_samples:
     raise ConfigError("batch_size", f"batch_size={config.batch_size} is larger than "
                       f"num_samples={config.num_samples} (a batch holds no row twice)")
-  for selector, table in (("compressor", COMPRESSOR_FIELDS), ("lr_schedule", SCHEDULE_FIELDS),
-                          ("algorithm", ALGORITHM_FIELDS)):
-    chosen = getattr(config, selector)
+  if config.step_size == "armijo" and config.algorithm != SGD:
+    raise ConfigError("step_size", f"step_size='armijo' applies to algorithm='sgd', not "
+                      f"algorithm={config.algorithm!r} (its workers take local steps)")
+  schedule = config.lr_schedule or DEFAULTS["lr_schedule"]
+  for selector, table, chosen in (("compressor", COMPRESSOR_FIELDS, config.compressor),
+                                  ("step_size", STEP_SIZE_FIELDS, config.step_size),
+                                  ("lr_schedule", SCHEDULE_FIELDS, schedule),
+                                  ("algorithm", ALGORITHM_FIELDS, config.algorithm)):
     for name, owners in table.items():
       if _is_set(config, name) and chosen not in owners:
         raise ConfigError(name, f"{name}={getattr(config, name)!r} has no effect with "
@@ -288,8 +337,10 @@ def resolve(config: Config, num_devices: int | None = None) -> Config:
   """``config`` with the method defaults filled in where a used setting is None.
 
   Settings the method does not use stay None; for PowerSGD and the round-robin exchange
-  ``aggregation`` stays None (their collectives are their own). EASGD's ``alpha``
-  (``0.9 / N``) is filled in only when ``num_devices`` is given.
+  ``aggregation`` stays None (their collectives are their own), and with
+  ``step_size="armijo"`` ``learning_rate`` and ``lr_schedule`` stay None (the search sets
+  the step). EASGD's ``alpha`` (``0.9 / N``) is filled in only when ``num_devices`` is
+  given.
 
   Example:
     >>> resolve(Config()).num_levels
@@ -297,19 +348,26 @@ def resolve(config: Config, num_devices: int | None = None) -> Config:
     >>> resolve(Config(algorithm="easgd"), num_devices=8).alpha
     0.1125
   """
+  schedule = config.lr_schedule or DEFAULTS["lr_schedule"]
   values = {}
   for name, default in DEFAULTS.items():
     if getattr(config, name) is not None:
       continue
-    owners = COMPRESSOR_FIELDS.get(name) or ()
-    schedules = SCHEDULE_FIELDS.get(name) or ()
-    algorithms = ALGORITHM_FIELDS.get(name) or ()
     if isinstance(default, dict):
       default = default.get(config.algorithm)
-    if (config.compressor in owners or config.lr_schedule in schedules
-        or config.algorithm in algorithms
-        or (name == "aggregation" and config.compressor != POWERSGD
-            and not _round_robin(config))):
+    if config.step_size not in STEP_SIZE_FIELDS.get(name, STEP_SIZES):
+      continue
+    if name in COMPRESSOR_FIELDS:
+      used = config.compressor in COMPRESSOR_FIELDS[name]
+    elif name in SCHEDULE_FIELDS:
+      used = schedule in SCHEDULE_FIELDS[name]
+    elif name in ALGORITHM_FIELDS:
+      used = config.algorithm in ALGORITHM_FIELDS[name]
+    elif name == "aggregation":
+      used = config.compressor != POWERSGD and not _round_robin(config)
+    else:
+      used = True
+    if used:
       values[name] = default
   if (config.alpha is None and config.algorithm in ALGORITHM_FIELDS["alpha"]
       and num_devices is not None):
@@ -355,8 +413,14 @@ def make_codec(config: Config, num_devices: int) -> compressors.Compressor | Non
 
 
 def make_schedule(config: Config) -> optax.Schedule:
-  """The step-size schedule of ``config`` (an optax schedule)."""
+  """The step-size schedule of ``config`` (an optax schedule).
+
+  Raises:
+    ConfigError: with ``step_size="armijo"``, which has no schedule.
+  """
   config = resolve(config)
+  if config.step_size != "fixed":
+    raise ConfigError("step_size", f"step_size={config.step_size!r} has no schedule")
   lr = config.learning_rate
   if config.lr_schedule == "exponential":
     return optax.exponential_decay(lr, config.decay_steps, config.decay_rate)
@@ -419,7 +483,15 @@ def make_tx(config: Config, key, num_devices: int, axis_name: str | None = paral
                       "with make_step")
   compression = make_communication(config, key, num_devices, axis_name)
   momentum = [optax.ema(config.momentum, debias=False)] if config.momentum > 0 else []
-  return optax.chain(*momentum, compression, optax.sgd(make_schedule(config)))
+  if config.step_size == "armijo":
+    step = linesearch.armijo(
+        axis_name=axis_name, scale=config.armijo_scale,
+        max_learning_rate=config.armijo_max_learning_rate,
+        slope_rtol=config.armijo_slope_rtol, decrease_factor=config.armijo_decrease_factor,
+        increase_factor=config.armijo_increase_factor, max_trials=config.armijo_max_trials)
+  else:
+    step = optax.sgd(make_schedule(config))
+  return optax.chain(*momentum, compression, step)
 
 
 def make_step(config: Config, key, num_devices: int, *, loss_fn: Callable,
@@ -448,8 +520,10 @@ def make_step(config: Config, key, num_devices: int, *, loss_fn: Callable,
   config = resolve(config, num_devices)
   if config.algorithm == SGD:
     tx = make_tx(config, key, num_devices, axis_name)
+    armijo = config.step_size == "armijo"
     step = parallel.make_step(loss_fn, sampling.make_batch_fn(config.batch_size), tx,
-                              metrics_fn=metrics_fn, axis_name=axis_name)
+                              metrics_fn=metrics_fn, axis_name=axis_name, extra_args=armijo,
+                              opt_metrics_fn=linesearch.metrics if armijo else None)
     return step, lambda params: parallel.init_state(params, tx)
   communicate = (None if _round_robin(config)
                  else make_communication(config, key, num_devices, axis_name))
@@ -467,7 +541,8 @@ def steps_per_exchange(config: Config) -> int:
   return resolve(config).tau or 1
 
 
-def predicted_wire_bits(config: Config, params, num_devices: int) -> float:
+def predicted_wire_bits(config: Config, params, num_devices: int, trials: float = 0
+                        ) -> float:
   """Bits one device sends per step by the formulas (the compiled program is the truth).
 
   For EASGD, EAMSGD and DOWNPOUR, one exchange's bits divided by ``tau``: the same
@@ -478,6 +553,8 @@ def predicted_wire_bits(config: Config, params, num_devices: int) -> float:
     config: the run's settings.
     params: the parameters, an array or a pytree of them (only shapes are read).
     num_devices: N.
+    trials: with ``step_size="armijo"``, the step's line-search trials (the search adds
+      ``jrelu.linesearch.wire_bits(N, trials)``).
   """
   config = resolve(config)
   if _round_robin(config):
@@ -489,6 +566,8 @@ def predicted_wire_bits(config: Config, params, num_devices: int) -> float:
     per_exchange = sum(aggregation.wire_bits(config.aggregation, codec, jnp.shape(leaf),
                                              num_devices)
                        for leaf in jax.tree_util.tree_leaves(params))
+  if config.step_size == "armijo":
+    per_exchange += linesearch.wire_bits(num_devices, trials)
   return per_exchange / steps_per_exchange(config)
 
 
@@ -516,6 +595,9 @@ def describe(config: Config) -> str:
     label += f" momentum={config.momentum}"
   if config.error_feedback or name == POWERSGD:
     label += " + EF"
+  if config.step_size == "armijo":
+    label += (" + Armijo" if config.armijo_scale == DEFAULTS["armijo_scale"]
+              else f" + Armijo scale={config.armijo_scale}")
   if config.algorithm == SGD:
     return label
   head = f"{config.algorithm} tau={config.tau}"

@@ -28,6 +28,7 @@ from jrelu import _checks
 from jrelu import aggregation
 from jrelu import checkpoint
 from jrelu import easgd
+from jrelu import linesearch
 from jrelu import parallel
 from jrelu import planted
 from jrelu import powersgd
@@ -302,6 +303,7 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
   state, truth, batch_key = parallel.replicate(
       (init_state(params), w_star, batch_key), devices)
   data = (dataset, truth)
+  armijo = config.step_size == "armijo"
 
   programs_depend_on = {k: v for k, v in identity.items()
                         if k not in ("num_steps", "target_relative_error", "log_every")}
@@ -316,6 +318,8 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
   # Every process reads the bits from its own compiled program.
   bits_by_process = [b / tau for b in processes.allgather(bits.sent_bits, "wire_bits")]
   float32_bits = aggregation.float32_allreduce_bits((config.dim,), n_dev)
+  # What every step sends; a search's trials (loop_bits each) come on top.
+  every_step_bits = bits.fixed_bits if armijo else bits.sent_bits
   codec = make_codec(config, n_dev)
   initial_error = float(planted.relative_error(params, w_star))
   summary = {
@@ -329,14 +333,21 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
       "steps": 0,
       "steps_to_target": None,
       "checkpoint_step": None,
-      "wire_bits_per_step_per_device": sent_per_step,
+      # With a line search: the mean over the steps so far (each trial is an all-reduce
+      # inside the search's loop, which the compiled program holds once).
+      "wire_bits_per_step_per_device": every_step_bits / tau,
       "wire_bits_per_exchange_per_device": bits.sent_bits,
       "predicted_wire_bits_per_step_per_device": predicted_wire_bits(config, params, n_dev),
       "wire_operand_bits_per_step_per_device": bits.operand_bits / tau,
+      "wire_bits_per_linesearch_trial": bits.loop_bits,
+      "predicted_wire_bits_per_linesearch_trial": (
+          linesearch.wire_bits(n_dev, 1) - linesearch.wire_bits(n_dev, 0) if armijo else 0.0),
+      "linesearch_trials": 0,
       "compressor_wire_bits": (codec.wire_bits((config.dim,)) if codec is not None
                                else powersgd.wire_bits(params, config.rank, 2)),
       "float32_wire_bits": float32_bits,
-      "compression_ratio": float32_bits / sent_per_step if sent_per_step else None,
+      "compression_ratio": (float32_bits * tau / every_step_bits if every_step_bits
+                            else None),
       "steps_per_second": None,
       "compile_seconds": 0.0,
       "run_seconds": 0.0,
@@ -366,7 +377,10 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
     files.writing(metrics_path, lambda: files.write_text(metrics_path, ""))
   if writer:
     files.writing(summary_path, lambda: files.write_json(summary_path, summary))
-  if bits.sent_bits:
+  if armijo:
+    logging.info("wire: %.0f bits per step per device, plus %.0f per line-search trial "
+                 "(float32 all-reduce: %.0f)", bits.fixed_bits, bits.loop_bits, float32_bits)
+  elif bits.sent_bits:
     logging.info("wire: %.0f bits per step per device (float32 all-reduce: %.0f, %.1fx fewer)%s",
                  sent_per_step, float32_bits, summary["compression_ratio"],
                  f", {bits.sent_bits:.0f} per exchange every {tau} steps" if tau > 1 else "")
@@ -379,7 +393,9 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
     summary["checkpoint_step"] = summary["steps"]
     progress = {k: summary[k] for k in (
         "run_id", "status", "relative_error", "steps", "steps_to_target",
-        "checkpoint_step", "compile_seconds", "run_seconds", "checkpoint_seconds")}
+        "checkpoint_step", "compile_seconds", "run_seconds", "checkpoint_seconds",
+        "linesearch_trials", "wire_bits_per_step_per_device",
+        "predicted_wire_bits_per_step_per_device", "compression_ratio")}
     metadata = {"config": identity, "progress": progress, "history": history}
     start = time.perf_counter()
     files.writing(ckpt_dir, lambda: checkpoint.save(ckpt_dir, summary["steps"], state, metadata,
@@ -411,6 +427,17 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
       bad = np.nonzero(~(np.isfinite(errors) & np.isfinite(losses)))[0]
       done = int(bad[0]) if bad.size else length  # the chunk's finite steps
       summary["steps"] = first + done
+      if armijo:
+        trials = np.asarray(metrics["linesearch_trials"].addressable_shards[0].data)[0]
+        summary["linesearch_trials"] += int(trials[:done].sum())
+      sent = (easgd.exchanges(summary["steps"], tau) * every_step_bits
+              + summary["linesearch_trials"] * (bits.loop_bits if armijo else 0.0))
+      if armijo and summary["steps"]:
+        summary["wire_bits_per_step_per_device"] = sent / summary["steps"]
+        summary["predicted_wire_bits_per_step_per_device"] = predicted_wire_bits(
+            config, params, n_dev, summary["linesearch_trials"] / summary["steps"])
+        summary["compression_ratio"] = (float32_bits / summary["wire_bits_per_step_per_device"]
+                                        if sent else None)
       if bad.size:
         summary["status"] = "diverged"
         summary["diverged_at_step"] = first + done + 1
@@ -431,10 +458,13 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
             "loss": float(losses[done - 1]),
             "steps_per_second": length / elapsed,
             "run_seconds": summary["run_seconds"],
-            "cumulative_wire_bits_per_device": (easgd.exchanges(summary["steps"], tau)
-                                                * bits.sent_bits),
+            "cumulative_wire_bits_per_device": sent,
             "run_id": summary["run_id"],
         }
+        if armijo:
+          record["step_size"] = float(
+              np.asarray(metrics["step_size"].addressable_shards[0].data)[0][done - 1])
+          record["linesearch_trials_per_step"] = float(trials[:done].mean())
         history.append(record)
         if writer:
           files.append_line(metrics_path, json.dumps(record))
