@@ -2,8 +2,9 @@
 
 The quick run goes through the binary's own flags, checks and output
 (``run_from_flags``) in this process, so that it shares the suite's JAX start-up and
-compile options: rows, the float32 baseline in the same run, bits read from the compiled
-step against the formula, the table, the plot and the one JSON line.
+compile options: rows (fixed and Armijo step sizes, SGD and EASGD), the float32 baseline
+in the same run, bits read from the compiled step against the formula (a line search's
+trials counted one by one), the table, the plot and the one JSON line.
 """
 
 import json
@@ -36,9 +37,14 @@ def test_quick_run_trains_every_quick_row_and_writes_table_plot_and_json(tmp_pat
     history = r["history"]
     steps = settings.QUICK["num_steps"]
     assert history["steps"] == [0, steps // 2, steps]
+    assert r["wire_bits_per_linesearch_trial"] == r["predicted_wire_bits_per_linesearch_trial"]
+    # Each exchange sends its bits, each line-search trial (Armijo rows only) its own.
+    (trials,) = r["linesearch_trials"]
+    assert (trials > 0) == (r["step_size"] == "armijo")
     exchanges = -(-steps // r["steps_per_exchange"])
-    assert history["cumulative_wire_bits_per_device"][-1] == (
-        exchanges * r["wire_bits_per_exchange_per_device"])
+    assert history["cumulative_wire_bits_per_device"][-1] == [
+        exchanges * r["wire_bits_per_exchange_per_device"]
+        + trials * r["wire_bits_per_linesearch_trial"]]
     assert r["finite"] == [True]
     # Training happened: the loss on the whole training set fell from its start (about
     # log 10 = 2.3 for random weights) and held-out accuracy is far above chance (0.1).

@@ -97,7 +97,7 @@ def settings_from_flags(flag_values: flags.FlagValues, device_count: int) -> set
     >>> define_flags(values)
     >>> _ = values(["benchmarks.real_data", "--quick"])
     >>> settings_from_flags(values, 8).methods
-    ('float32', 'powersgd_r1', 'easgd_tau4')
+    ('float32', 'easgd_tau4', 'powersgd_r1')
   """
   fv = flag_values
   mode = settings.QUICK if fv.quick else settings.FULL

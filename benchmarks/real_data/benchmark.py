@@ -12,6 +12,7 @@ import time
 
 from absl import logging
 import jax.numpy as jnp
+import numpy as np
 
 from benchmarks import common
 from benchmarks.compressors import flags_of
@@ -59,7 +60,9 @@ def run(s: settings_lib.Settings, devices) -> dict:
         "description": experiment.describe(experiment.resolve(config, len(devices))),
         "test_accuracy": training.spread(final_accuracy),
         "train_loss": training.spread(final_loss),
-        "total_wire_bits_per_device": history["cumulative_wire_bits_per_device"][-1],
+        # the seeds' mean: a line search's trials differ from seed to seed
+        "total_wire_bits_per_device": float(
+            np.mean(history["cumulative_wire_bits_per_device"][-1])),
         **result,
     })
     logging.info("%-28s %-6s accuracy %s  loss %s  %.0f bits/step  (%.0f s + %.0f s)", label,

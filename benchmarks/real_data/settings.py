@@ -59,12 +59,20 @@ def _fixed(overrides: dict) -> dict:
   return dict(overrides)
 
 
+def _armijo(overrides: dict) -> dict | None:
+  """The row with ``jrelu.armijo``'s search (its defaults) in place of the tuned step."""
+  if overrides.get("algorithm", "sgd") != "sgd":
+    return None   # the search is SGD's (jrelu.experiment refuses it elsewhere)
+  changed = {k: v for k, v in overrides.items() if k != "learning_rate"}
+  return {**changed, "step_size": "armijo"}
+
+
 # Step-size rule -> (label suffix, overrides -> overrides or None when the rule does not
 # apply to the row).
-STEP_SIZES = {"fixed": ("", _fixed)}
-# The quick mode's rows (method, step-size rule): the float32 baseline, a compressor and an
-# elastic method, each compiled in a few seconds.
-QUICK_ROWS = (("float32", "fixed"), ("powersgd_r1", "fixed"), ("easgd_tau4", "fixed"))
+STEP_SIZES = {"fixed": ("", _fixed), "armijo": (" + Armijo", _armijo)}
+# The quick mode's rows (method, step-size rule): the float32 baseline, an elastic method
+# and a compressor under the Armijo search, each compiled in a few seconds.
+QUICK_ROWS = (("float32", "fixed"), ("easgd_tau4", "fixed"), ("powersgd_r1", "armijo"))
 QUICK_METHODS = tuple(dict.fromkeys(method for method, _ in QUICK_ROWS))
 # The training problem (both modes).
 BATCH_SIZE = 128

@@ -26,6 +26,7 @@ import numpy as np
 
 from jrelu import easgd
 from jrelu import experiment
+from jrelu import linesearch
 from jrelu import mlp
 from jrelu import parallel
 from jrelu import transforms
@@ -83,11 +84,14 @@ def train(config: experiment.Config, data, seeds, num_steps: int, num_evals: int
 
   Returns:
     ``{"history": {"steps": [E+1], "train_loss": [E+1][S], "test_accuracy": [E+1][S],
-    "cumulative_wire_bits_per_device": [E+1]}, "wire_bits_per_exchange_per_device",
+    "cumulative_wire_bits_per_device": [E+1][S]}, "wire_bits_per_exchange_per_device",
     "predicted_wire_bits_per_exchange_per_device", "steps_per_exchange",
-    "wire_bits_per_step_per_device", "finite": [S], "compile_seconds",
-    "run_seconds"}``; a seed whose loss became NaN or infinite has ``finite`` False and
-    its scores after that as None.
+    "wire_bits_per_linesearch_trial", "predicted_wire_bits_per_linesearch_trial",
+    "linesearch_trials": [S], "wire_bits_per_step_per_device" (the seeds' mean),
+    "finite": [S], "compile_seconds", "run_seconds"}``. An exchange's bits exclude a line
+    search's (``step_size="armijo"``: one all-reduce per trial, counted per seed). A seed
+    whose loss became NaN or infinite has ``finite`` False and its scores after that as
+    None.
 
   Raises:
     ValueError: if ``num_steps`` is not a multiple of ``num_evals``.
@@ -118,11 +122,15 @@ def train(config: experiment.Config, data, seeds, num_steps: int, num_evals: int
     compiled = run.lower(stacked, data, keys).compile(compiler_options=FAST_COMPILE)
     one_step = parallel.pmapped(step, devices).lower(
         *parallel.replicate((states[0], data, batch_keys[0]), devices))
-    bits = wire.parse(one_step.compile(compiler_options=FAST_COMPILE).as_text()).sent_bits
+    report = wire.parse(one_step.compile(compiler_options=FAST_COMPILE).as_text())
   compile_seconds = time.perf_counter() - start
+  # A line search's all-reduces sit in a while loop the program holds once: each step
+  # sends the bits outside it, plus the loop's bits once per trial.
+  exchange_bits, trial_bits = report.fixed_bits, report.loop_bits
 
   tau = experiment.steps_per_exchange(config)
   finite = np.ones(len(seeds), bool)
+  trials = np.zeros(len(seeds))   # line-search trials so far, per seed
   history = {"steps": [], "train_loss": [], "test_accuracy": [],
              "cumulative_wire_bits_per_device": []}
 
@@ -131,7 +139,8 @@ def train(config: experiment.Config, data, seeds, num_steps: int, num_evals: int
     history["steps"].append(steps)
     for name in ("train_loss", "test_accuracy"):
       history[name].append([float(v) if ok else None for v, ok in zip(scores[name], finite)])
-    history["cumulative_wire_bits_per_device"].append(easgd.exchanges(steps, tau) * bits)
+    history["cumulative_wire_bits_per_device"].append(
+        [easgd.exchanges(steps, tau) * exchange_bits + t * trial_bits for t in trials])
 
   start = time.perf_counter()
   state = stacked
@@ -140,16 +149,23 @@ def train(config: experiment.Config, data, seeds, num_steps: int, num_evals: int
     state, metrics = compiled(state, data, keys)
     losses = np.asarray(metrics["loss"])   # [S, N, steps]
     finite &= np.isfinite(losses).all(axis=(1, 2))
+    if "linesearch_trials" in metrics:   # the same on every device: device 0's
+      trials += np.asarray(metrics["linesearch_trials"])[:, 0].sum(axis=-1)
     record(e * num_steps // num_evals, state)
   jax.block_until_ready(state)
+  sent = np.mean(history["cumulative_wire_bits_per_device"][-1])
   return {
       "history": history,
       "finite": finite.tolist(),
       "steps_per_exchange": tau,
-      "wire_bits_per_exchange_per_device": bits,
+      "wire_bits_per_exchange_per_device": exchange_bits,
       "predicted_wire_bits_per_exchange_per_device":
           experiment.predicted_wire_bits(config, states[0].params, n) * tau,
-      "wire_bits_per_step_per_device": bits / tau,
+      "wire_bits_per_linesearch_trial": trial_bits,
+      "predicted_wire_bits_per_linesearch_trial":
+          linesearch.wire_bits(n, 1) - linesearch.wire_bits(n, 0) if trial_bits else 0.0,
+      "linesearch_trials": trials.tolist(),
+      "wire_bits_per_step_per_device": float(sent) / num_steps,
       "compile_seconds": compile_seconds,
       "run_seconds": time.perf_counter() - start,
   }
