@@ -67,7 +67,7 @@ def plot(rows, outdir: str) -> list:
   if plt is None:
     return []
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
-  fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(13, 5.5))
+  fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(13, 8))
   markers = "os^D"
   families, levels = [], {}
   for r in rows:
@@ -90,9 +90,7 @@ def plot(rows, outdir: str) -> list:
       ax.errorbar([x], [scale * s["mean"]],
                   yerr=[[scale * (s["mean"] - s["min"])], [scale * (s["max"] - s["mean"])]],
                   marker=marker, markersize=7, capsize=3, linestyle="none", color=color,
-                  markerfacecolor=face,
-                  label=f"{r['method']}" + ("" if r["step_size"] == "fixed"
-                                            else f" ({r['step_size']})"))
+                  markerfacecolor=face, label=r["method"])
   for ax in (acc_ax, loss_ax):
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -104,8 +102,8 @@ def plot(rows, outdir: str) -> list:
   acc_ax.set_ylabel("held-out test accuracy (%)")
   loss_ax.set_ylabel("training loss (cross-entropy, whole training set)")
   handles, labels = acc_ax.get_legend_handles_labels()
-  fig.legend(handles, labels, loc="center right", fontsize=7, ncol=1)
-  fig.tight_layout(rect=(0, 0, 0.84, 1))
+  fig.legend(handles, labels, loc="lower center", fontsize=7, ncol=4)
+  fig.tight_layout(rect=(0, 0.05 + 0.018 * -(-len(labels) // 4), 1, 1))
   path = os.path.join(outdir, PLOT)
   fig.savefig(path, dpi=110)
   plt.close(fig)
