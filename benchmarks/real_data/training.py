@@ -44,8 +44,7 @@ def model_params(state: parallel.TrainState):
   """The model a run reports: SGD's parameters, or the elastic methods' center.
 
   Args:
-    state: a TrainState whose leaves carry leading axes ``[..., N, ...]`` with the device
-      axis at position ``-1`` of those leading axes, i.e. ``[S, N, ...]`` here.
+    state: a TrainState whose leaves carry the seed and device axes, ``[S, N, ...]``.
 
   Returns:
     The parameters of device 0 (the devices hold the same SGD parameters and the same
@@ -61,11 +60,8 @@ def _seed_keys(seed: int):
   return jax.random.split(jax.random.key(seed), 3)
 
 
-def _scores(params, data):
-  return mlp.metrics_fn(params, data)
-
-
-_evaluate = jax.jit(jax.vmap(_scores, in_axes=(0, None)))
+# The scores of every seed's model at once (compiled once per process).
+_evaluate = jax.jit(jax.vmap(mlp.metrics_fn, in_axes=(0, None)))
 
 
 def train(config: experiment.Config, data, seeds, num_steps: int, num_evals: int,
