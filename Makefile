@@ -20,12 +20,13 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
-## bench: set up .venv with the bench extra (torch==2.13.0) and run the quick benchmarks
+## bench: set up .venv with the bench extra (torch==2.13.0, scikit-learn) and run the quick benchmarks
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m benchmarks.step_throughput --quick --outdir=runs/bench/step_throughput
 	$(PY) -m benchmarks.compressors --quick --outdir=runs/bench/compressors
 	$(PY) -m benchmarks.reproduce --quick --outdir=runs/bench/reproduce
+	$(PY) -m benchmarks.real_data --quick --outdir=runs/bench/real_data
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -10,6 +10,7 @@ from jrelu import compressors
 from jrelu import easgd
 from jrelu import experiment
 from jrelu import linesearch
+from jrelu import mlp
 from jrelu import network
 from jrelu import parallel
 from jrelu import planted
@@ -25,5 +26,5 @@ __version__ = "0.1.0"
 
 __all__ = ["ArmijoState", "CompressState", "ErrorFeedbackState", "WireCostWarning", "aggregation",
            "armijo", "checkpoint", "compress", "compressors", "easgd", "error_feedback",
-           "experiment", "linesearch", "network", "parallel", "planted", "powersgd", "processes",
-           "qsgd", "sampling", "signum", "wire"]
+           "experiment", "linesearch", "mlp", "network", "parallel", "planted", "powersgd",
+           "processes", "qsgd", "sampling", "signum", "wire"]

@@ -15,6 +15,7 @@ import pytest
 
 from benchmarks import compressors as compressors_binary
 from benchmarks import processes as processes_binary
+from benchmarks.real_data import __main__ as real_data_binary
 from benchmarks.reproduce import __main__ as reproduce_binary
 from benchmarks.step_throughput import __main__ as binary
 from benchmarks.step_throughput import settings
@@ -137,7 +138,8 @@ def test_flags_give_the_settings_of_the_modes():
 
 def test_the_binaries_import_into_one_process_and_define_flags_only_when_asked():
   # Their flag names overlap (--outdir, --quick, --sections; --seed with jrelu.train).
-  for module in (binary, reproduce_binary, compressors_binary, processes_binary):
+  for module in (binary, reproduce_binary, compressors_binary, processes_binary,
+                 real_data_binary):
     values = helpers.benchmark_flags(module)
     assert values.outdir == f"runs/{module.PROG.split('.')[1]}"
   assert "outdir" not in flags.FLAGS

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterable
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -550,7 +551,7 @@ def predicted_wire_bits(config: Config, params, num_devices: int, trials: float 
 
   Args:
     config: the run's settings.
-    params: the parameters (only shapes are read).
+    params: the parameters, an array or a pytree of them (only shapes are read).
     num_devices: N.
     trials: with ``step_size="armijo"``, the step's line-search trials (the search adds
       ``jrelu.linesearch.wire_bits(N, trials)``).
@@ -560,9 +561,11 @@ def predicted_wire_bits(config: Config, params, num_devices: int, trials: float 
     per_exchange = easgd.round_robin_wire_bits(params, num_devices)
   elif config.compressor == POWERSGD:
     per_exchange = powersgd.wire_bits(params, config.rank, num_devices)
-  else:
-    per_exchange = aggregation.wire_bits(config.aggregation, make_codec(config, num_devices),
-                                         jnp.shape(params), num_devices)
+  else:   # the transforms encode every leaf on its own
+    codec = make_codec(config, num_devices)
+    per_exchange = sum(aggregation.wire_bits(config.aggregation, codec, jnp.shape(leaf),
+                                             num_devices)
+                       for leaf in jax.tree_util.tree_leaves(params))
   if config.step_size == "armijo":
     per_exchange += linesearch.wire_bits(num_devices, trials)
   return per_exchange / steps_per_exchange(config)
