@@ -14,10 +14,12 @@ backend for its cheapest code generation: LLVM at -O0 with no expensive passes (
 less wall time measured on 2 cores), the classic elemental emitters instead of the MLIR
 fusion emitters, and one LLVM module per program instead of parallel codegen splits
 (together about 45% less compile CPU again, measured on codec programs and a training
-step). These flags change how fast the generated code runs, not what it computes: the HLO
-passes that fix the order of float reductions are the same, and LLVM may not reassociate
-floats without fast-math (off by default). Speed is measured in ``benchmarks/``, which
-leave the flags alone.
+step). No fast-math is enabled, but these flags can change float rounding: the classic
+and the MLIR fusion emitters may order a reduction's additions differently (a 400-step
+training loss of the real-data benchmark, which compiles with the same options, differed
+in its 4th significant digit). So every comparison in the suite is between programs built
+under these flags (subprocesses inherit ``XLA_FLAGS``) or against a bound derived for any
+summation order. Speed is measured in ``benchmarks/``, which leave the flags alone.
 """
 import os
 
