@@ -28,7 +28,6 @@ DIM, NUM_SAMPLES, BATCH_SIZE = 50, 400, 128
 # bitpack.unpack compiled once per (n, bits) rather than op by op (eager JAX compiles every
 # primitive): the codec tests read packed words with it.
 unpack = jax.jit(bitpack.unpack, static_argnums=(1, 2))
-pack = jax.jit(bitpack.pack, static_argnums=1)
 
 
 def problem(dim=DIM, num_samples=NUM_SAMPLES, seed=0):
