@@ -314,7 +314,6 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
   bits = _cached(cache_key + ("wire",), lambda: wire.measure(
       parallel.wrap(config.parallel, step, devices), state, data, batch_key))
   tau = steps_per_exchange(config)
-  sent_per_step = bits.sent_bits / tau
   # Every process reads the bits from its own compiled program.
   bits_by_process = [b / tau for b in processes.allgather(bits.sent_bits, "wire_bits")]
   float32_bits = aggregation.float32_allreduce_bits((config.dim,), n_dev)
@@ -346,8 +345,7 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
       "compressor_wire_bits": (codec.wire_bits((config.dim,)) if codec is not None
                                else powersgd.wire_bits(params, config.rank, 2)),
       "float32_wire_bits": float32_bits,
-      "compression_ratio": (float32_bits * tau / every_step_bits if every_step_bits
-                            else None),
+      "compression_ratio": float32_bits * tau / every_step_bits if every_step_bits else None,
       "steps_per_second": None,
       "compile_seconds": 0.0,
       "run_seconds": 0.0,
@@ -382,7 +380,8 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
                  "(float32 all-reduce: %.0f)", bits.fixed_bits, bits.loop_bits, float32_bits)
   elif bits.sent_bits:
     logging.info("wire: %.0f bits per step per device (float32 all-reduce: %.0f, %.1fx fewer)%s",
-                 sent_per_step, float32_bits, summary["compression_ratio"],
+                 summary["wire_bits_per_step_per_device"], float32_bits,
+                 summary["compression_ratio"],
                  f", {bits.sent_bits:.0f} per exchange every {tau} steps" if tau > 1 else "")
   else:
     logging.info("wire: no traffic between devices (%d device)", n_dev)
