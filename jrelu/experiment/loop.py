@@ -244,14 +244,16 @@ def _problem(config: Config, devices):
 
   EASGD, EAMSGD and DOWNPOUR workers sample the whole data set (``jrelu.easgd``), so
   there ``data`` is the whole ``jrelu.sampling.Dataset`` on every device (each process
-  draws it, the same rows, and places the copies of its own devices). For SGD the data set's rows are drawn on the devices, each device drawing only the rows of
-  its own segment (``jrelu.sampling.Segments``, ``n // N`` consecutive rows), so that a
-  process never holds more than its devices' rows. JAX's partitionable threefry makes
-  row ``i`` the same whatever the devices and processes: the segments equal
+  draws it, the same rows, and places the copies of its own devices). For SGD the data
+  set's rows are drawn on the devices, each device drawing only the rows of its own
+  segment (``jrelu.sampling.Segments``, ``n // N`` consecutive rows), so that a process
+  never holds more than its devices' rows. JAX's partitionable threefry makes row ``i``
+  the same whatever the devices and processes: the segments equal
   ``split_segments(planted.sample_dataset(...), N)`` on one device. The ``moment`` init
-  ``(2 / (N L)) sum y_i x_i`` sums the stored ``N L`` rows (``n % N`` are never read by the
-  sampler either) in a fixed order: each device's partial sum, gathered, then added on the
-  host in device order, so every layout of processes computes the same float32 numbers.
+  ``(2 / (N L)) sum y_i x_i`` sums the stored ``N L`` rows (``n % N`` are never read by
+  the sampler either) in a fixed order: each device's partial sum, gathered, then added on
+  the host in device order, so every layout of processes computes the same float32
+  numbers.
   """
   key = jax.random.key(config.seed)
   w_key, data_key, init_key, _, _ = jax.random.split(key, 5)
