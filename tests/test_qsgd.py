@@ -17,6 +17,8 @@ import pytest
 
 from jrelu import compressors
 
+import helpers
+
 K = 20_000        # number of independent draws (keys) per configuration
 CHUNK = 5_000     # draws per jitted vmap call (bounds the memory of the bit expansion)
 SEED = 20240611
@@ -120,7 +122,8 @@ def _jit_roundtrip(s, bucket_size, norm):
 @functools.lru_cache(maxsize=None)
 def _draw_fn(s, bucket_size, norm):
   c = compressors.qsgd(s, bucket_size=bucket_size, norm=norm)
-  return jax.jit(jax.vmap(lambda k, x: c.decode(c.encode(k, x)), in_axes=(0, None)))
+  return jax.jit(jax.vmap(lambda k, x: c.decode(c.encode(k, x)), in_axes=(0, None)),
+                 compiler_options=helpers.RUNTIME_HEAVY)
 
 
 @functools.lru_cache(maxsize=None)
