@@ -1,8 +1,11 @@
 """Bits read from compiled programs' HLO equal each aggregation's formula.
 
 The full codec x strategy grid measures the aggregation alone (a pmap of
-``aggregation.aggregate`` over one gradient): that is where every collective is. A few
-whole training steps check that the rest of a step adds no collective.
+``aggregation.aggregate`` over one gradient): that is where every collective is. The grid
+reads the HLO as lowered, before XLA's passes, which is what the aggregation asks the
+compiler to send; one codec per strategy checks that compiling keeps every collective
+as lowered (XLA's CPU passes neither add, drop, combine nor resize them here), and a few
+whole compiled training steps check that the rest of a step adds no collective.
 """
 
 import jax
@@ -34,11 +37,12 @@ AT_TWO_DEVICES = ("none", "qsgd_s1", "qsgd_s4_bucket128", "rand_k", "terngrad")
 DIM = 1000
 
 
-def aggregation_bits(compressor, strategy, num_devices, shape=(DIM,)):
+def aggregation_bits(compressor, strategy, num_devices, shape=(DIM,), compiled=False):
   """Wire report of one ``aggregate`` call, pmapped over ``num_devices`` devices.
 
   Every device gets the same step key (so the common key of codecs with common randomness
-  is shared, as in ``jrelu.transforms``) and folds in its index for its own noise.
+  is shared, as in ``jrelu.transforms``) and folds in its index for its own noise. Read
+  from the lowered HLO, or with ``compiled`` from the compiled program (``wire.measure``).
   """
   def one_device(step_key, g):
     key = jax.random.fold_in(step_key, jax.lax.axis_index("data"))
@@ -49,7 +53,9 @@ def aggregation_bits(compressor, strategy, num_devices, shape=(DIM,)):
   fn = jax.pmap(one_device, axis_name="data", devices=devices)
   keys = jnp.stack([jax.random.key(0)] * num_devices)
   grads = jnp.zeros((num_devices,) + tuple(shape), jnp.float32)
-  return wire.measure(fn, keys, grads)
+  if compiled:
+    return wire.measure(fn, keys, grads)
+  return wire.parse(fn.lower(keys, grads).as_text(dialect="hlo"))
 
 
 def step_bits(compressor, strategy, num_devices, wrapper="pmap"):
@@ -86,6 +92,27 @@ def test_aggregation_bits_equal_formula(codec, strategy, num_devices):
   compressor = CODECS[codec]()
   check_report(aggregation_bits(compressor, strategy, num_devices), strategy, compressor,
                num_devices)
+
+
+# One codec per strategy, each strategy's collectives as they are laid out in the grid.
+COMPILED_CASES = [("sign_scaled", "psum"), ("qsgd_s4_bucket128", "all_gather"),
+                  ("terngrad", "two_phase"), ("sign", "majority_vote"),
+                  ("qsgd_s1", "integer_psum")]
+
+
+def test_compiled_cases_cover_every_strategy():
+  assert {strategy for _, strategy in COMPILED_CASES} == set(PHASES)
+  assert all((codec, strategy, 8) in CASES for codec, strategy in COMPILED_CASES)
+
+
+@pytest.mark.parametrize("codec,strategy", COMPILED_CASES)
+def test_compiling_keeps_the_lowered_collectives(codec, strategy):
+  compressor = CODECS[codec]()
+  lowered = aggregation_bits(compressor, strategy, 8)
+  compiled = aggregation_bits(compressor, strategy, 8, compiled=True)
+  key = lambda r: sorted((c.op, c.operand_bits, c.group_size) for c in r.collectives)  # noqa: E731
+  assert key(compiled) == key(lowered) and compiled.sent_bits == lowered.sent_bits
+  check_report(compiled, strategy, compressor, 8)
 
 
 @pytest.mark.parametrize("codec,strategy", [("qsgd_s1", "two_phase"),
