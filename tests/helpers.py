@@ -125,8 +125,18 @@ def run_module(module, *flags, cwd, timeout=600):
   return _run_python("-m", module, *flags, cwd=cwd, timeout=timeout)
 
 
+def subprocess_env(**overrides):
+  """The environment of the suite's subprocesses: this checkout importable, the suite's
+  XLA flags (inherited) and its compilation cache, so that a program a test compiled
+  here (or in another subprocess) is not compiled again; plus ``overrides``."""
+  return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **overrides)
+
+
 def _run_python(*args, cwd, timeout):
-  env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env = subprocess_env()
   return subprocess.run([sys.executable, *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

@@ -56,12 +56,7 @@ TIMEOUT = 5  # --process_timeout of the job
 SLACK = 15
 
 
-def env():
-  """The subprocesses' environment: this checkout, the suite's XLA flags and cache."""
-  return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+env = helpers.subprocess_env
 
 
 def launcher(args, **kwargs):
@@ -171,7 +166,7 @@ def test_kill_9_is_reported_in_one_line_and_the_rerun_resumes(job):
   assert job["stderr"].splitlines() == [
       "jrelu.launch: error: process 1 of 2 was killed by SIGKILL; then process 0 exited "
       "with status 3"]
-  assert f"resuming run" in job["resumed_log"] and "from its checkpoint at step 4" in job[
+  assert "resuming run" in job["resumed_log"] and "from its checkpoint at step 4" in job[
       "resumed_log"]
   # The resumed QSGD equals a run never stopped (bit for bit: test above).
   summary = json.loads((job["out"] / "two" / "qsgd" / "summary.json").read_text())

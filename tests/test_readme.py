@@ -40,6 +40,8 @@ import pytest
 
 from jrelu import train
 
+import helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 with open(os.path.join(ROOT, "README.md")) as _f:
   README = _f.read()
@@ -181,8 +183,7 @@ print(sum("deadlock" in str(w.message) for w in caught))
 
 
 def _run(code, timeout, stdin=None):
-  env = {k: v for k, v in os.environ.items() if k != "NPROC"}
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  env = {k: v for k, v in helpers.subprocess_env().items() if k != "NPROC"}
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, timeout=timeout,
                         capture_output=True, text=True, input=stdin)
   assert proc.returncode == 0, (

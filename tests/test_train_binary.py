@@ -10,8 +10,6 @@ and with ``kill -9``, and checks that the resumed run equals a run never stopped
 """
 
 import json
-import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -26,14 +24,13 @@ from jrelu import train
 
 import helpers
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = ["--dim=50", "--num_samples=400", "--batch_size=128", "--learning_rate=0.4",
          "--num_steps=600"]
 
 
 def run_binary(*argv, cwd):
-  env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  return subprocess.run([sys.executable, "-m", "jrelu.train", *argv], cwd=cwd, env=env,
+  return subprocess.run([sys.executable, "-m", "jrelu.train", *argv], cwd=cwd,
+                        env=helpers.subprocess_env(),
                         capture_output=True, text=True, timeout=300)
 
 
@@ -154,8 +151,7 @@ SUBPROCESS = {"--num_levels=0", "--workdir=", "--k=10 has no effect with --compr
 
 def test_unusable_jax_platforms_gives_one_line(tmp_path):
   # JAX reads JAX_PLATFORMS when it starts, so this needs a process of its own.
-  env = dict(os.environ, JAX_PLATFORMS="bogus",
-             PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env = helpers.subprocess_env(JAX_PLATFORMS="bogus")
   result = subprocess.run([sys.executable, "-m", "jrelu.train", *SMALL, "--num_steps=1",
                            f"--workdir={tmp_path}"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -238,14 +234,11 @@ def logged_step(workdir) -> int:
 
 def start_binary(workdir):
   argv = [f"--{k}={v}" for k, v in RESUMABLE.items()]
-  env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
   # The suite's compilation cache: the resumed process compiles what the first one did.
-  env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return subprocess.Popen(
       [sys.executable, "-m", "jrelu.train", *argv, "--checkpoint_every=50",
-       f"--workdir={workdir}"], cwd=workdir.parent, env=env, stderr=subprocess.PIPE,
+       f"--workdir={workdir}"], cwd=workdir.parent, env=helpers.subprocess_env(),
+      stderr=subprocess.PIPE,
       text=True)
 
 
