@@ -532,15 +532,16 @@ def _plot(history, summary, workdir):
   if not history:
     return
   try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    # The figure alone, drawn by its own Agg canvas: no pyplot (its import and figure
+    # manager cost ~0.4 s), and fixed margins instead of tight_layout (~0.5 s a plot).
+    from matplotlib import figure  # pylint: disable=g-import-not-at-top
   except ImportError:
     return
   steps = [0] + [r["step"] for r in history]
   errors = [summary["initial_relative_error"]] + [r["relative_error"] for r in history]
   megabits = [0.0] + [r["cumulative_wire_bits_per_device"] / 1e6 for r in history]
-  fig, (by_step, by_bits) = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+  fig = figure.Figure(figsize=(9, 3.5))
+  by_step, by_bits = fig.subplots(1, 2, sharey=True)
   for ax, x, label in ((by_step, steps, "step"),
                        (by_bits, megabits, "Mbit sent per device (from HLO)")):
     ax.semilogy(x, errors, "o-", markersize=3)
@@ -549,14 +550,11 @@ def _plot(history, summary, workdir):
   by_step.set_ylabel(r"$\|w - w^*\| / \|w^*\|$")
   fig.suptitle(f"{summary['method']}, {summary['aggregation'] or 'all-reduce'}, "
                f"{summary['num_devices']} devices, d={summary['dim']}", fontsize=10)
-  fig.tight_layout()
+  fig.subplots_adjust(left=0.09, right=0.98, bottom=0.15, top=0.88, wspace=0.06)
   path = os.path.join(workdir, "relative_error.png")
 
   def write():
     fig.savefig(path + ".tmp", dpi=100, format="png")
     os.replace(path + ".tmp", path)
 
-  try:
-    files.writing(path, write)
-  finally:
-    plt.close(fig)
+  files.writing(path, write)
