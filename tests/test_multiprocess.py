@@ -56,12 +56,14 @@ TIMEOUT = 5  # --process_timeout of the job
 SLACK = 15
 
 
-env = helpers.subprocess_env
+def start(argv):
+  """A process of ``argv`` in the repository, the suite's environment, output piped."""
+  return subprocess.Popen(argv, cwd=REPO, env=helpers.subprocess_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
 
 
-def launcher(args, **kwargs):
-  return subprocess.Popen([sys.executable, "-m", "jrelu.launch", *args], cwd=REPO, env=env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+def launcher(args):
+  return start([sys.executable, "-m", "jrelu.launch", *args])
 
 
 def job_args(outdir, runs):
@@ -181,20 +183,16 @@ def test_join_failures_and_a_lost_coordinator_are_one_line(tmp_path):
   started = time.monotonic()
   procs = {
       # Nobody listens on the coordinator's port.
-      "alone": subprocess.Popen(
-          train + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                   "--process_id=1"], cwd=REPO, env=env(), stdout=subprocess.PIPE,
-          stderr=subprocess.PIPE, text=True),
+      "alone": start(train + [f"--coordinator_address=127.0.0.1:{port}",
+                              "--num_processes=2", "--process_id=1"]),
       # Process 1 thinks the job has 3 processes.
-      **{f"mismatch{i}": subprocess.Popen(
+      **{f"mismatch{i}": start(
           train + [f"--coordinator_address=127.0.0.1:{pair_port}", f"--num_processes={n}",
-                   f"--process_id={i}"], cwd=REPO, env=env(), stdout=subprocess.PIPE,
-          stderr=subprocess.PIPE, text=True) for i, n in ((0, 2), (1, 3))},
+                   f"--process_id={i}"]) for i, n in ((0, 2), (1, 3))},
       # Two processes that join and wait: process 0 will be killed.
-      **{f"idle{i}": subprocess.Popen(
+      **{f"idle{i}": start(
           [sys.executable, WORKER, "--idle", f"--coordinator_address=127.0.0.1:{idle_port}",
-           "--num_processes=2", f"--process_id={i}", "--process_timeout=3"], cwd=REPO,
-          env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           "--num_processes=2", f"--process_id={i}", "--process_timeout=3"])
          for i in (0, 1)},
   }
   for i in (0, 1):

@@ -238,8 +238,7 @@ def start_binary(workdir):
   return subprocess.Popen(
       [sys.executable, "-m", "jrelu.train", *argv, "--checkpoint_every=50",
        f"--workdir={workdir}"], cwd=workdir.parent, env=helpers.subprocess_env(),
-      stderr=subprocess.PIPE,
-      text=True)
+      stderr=subprocess.PIPE, text=True)
 
 
 def signal_at(process, workdir, step, signum):

@@ -1,4 +1,4 @@
-"""Bits read from compiled programs' HLO equal each aggregation's formula.
+"""Bits read from programs' HLO, lowered or compiled, equal each aggregation's formula.
 
 The full codec x strategy grid measures the aggregation alone (a pmap of
 ``aggregation.aggregate`` over one gradient): that is where every collective is. The grid
