@@ -90,8 +90,8 @@ starting points it holds exactly for the first step (tested). (The equivalence t
 states was not reachable here; this is the one the algebra above gives.)
 
 Communication cost per device: one ``communicate`` per exchange, none in between, so per
-step ``1 / tau`` of an exchange. ``jrelu.wire.measure`` of one compiled step reads the
-collectives inside the exchange branch once, i.e. the bits of one exchange.
+step ``1 / tau`` of an exchange. ``jrelu.wire`` reads the collectives inside the exchange
+branch once per step it compiles, i.e. the bits of one exchange per step.
 
 References:
   Zhang, Choromanska, LeCun, "Deep learning with Elastic Averaging SGD", NeurIPS 2015,

@@ -15,12 +15,15 @@ collective-permute  S
 ==================  ===================
 
 Asynchronous pairs are charged once (at ``*-start``). A collective inside a ``while`` loop
-(its body or condition, or anything they call) runs once per iteration, a number the
-program text does not hold: it is marked ``in_loop`` and counted once, in
-``WireReport.loop_bits``, and ``WireReport.bits(iterations)`` charges it per iteration.
-So measure a program that runs exactly one step; in a one-step program of jrelu the only
-such collective is a line search's trial (``jrelu.linesearch``), whose iterations its
-state counts.
+(its body or condition, or anything they call) runs once per iteration. Where the program
+states the loop's trip count (XLA annotates ``known_trip_count`` on the loops of a compiled
+program whose count it can prove, such as a ``lax.scan``'s), the collective is charged that
+many times (``Collective.count``). Where it does not (a ``lax.while_loop`` that stops on a
+value, such as a line search's), the collective is marked ``in_loop``, counted once per
+iteration in ``WireReport.loop_bits``, and ``WireReport.bits(iterations)`` charges it per
+iteration; in jrelu the only such collective is a line search's trial
+(``jrelu.linesearch``), whose iterations its state counts. A program that scans
+``num_steps`` identical steps is read per step with ``WireReport.per_step(num_steps)``.
 
 References:
   Thakur, Rabenseifner, Gropp, "Optimization of Collective Communication Operations in
@@ -49,7 +52,9 @@ _FACTORS = {
 _SHAPE = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*->.*\{\s*$")
-_LOOP_CALLS = re.compile(r"\b(?:body|condition)=%?([\w.\-]+)")
+_BODY = re.compile(r"\bbody=%?([\w.\-]+)")
+_CONDITION = re.compile(r"\bcondition=%?([\w.\-]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _CALLS = re.compile(r"\b(?:to_apply|calls|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
 
@@ -65,7 +70,12 @@ class Collective:
     operand_bits: S, one device's operand size in bits.
     group_size: N, devices in one replica group.
     sent_bits: bits one device sends, ``factor(op, N) * S``, each time it runs.
-    in_loop: whether it sits inside a ``while`` loop (runs once per iteration).
+    in_loop: whether it sits inside a ``while`` loop whose trip count the program does
+      not state (it runs once per iteration of that loop).
+    count: how many times it runs when the program runs once: the product of the stated
+      trip counts of the loops around it (1 outside loops); with ``in_loop``, how many
+      times per iteration of the innermost loop without a stated count. A float after
+      :meth:`WireReport.per_step`.
   """
   name: str
   op: str
@@ -73,34 +83,36 @@ class Collective:
   group_size: int
   sent_bits: float
   in_loop: bool = False
+  count: float = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class WireReport:
   """Collectives of one program and the bits one device sends when it runs once.
 
+  Every sum below charges a collective ``count`` times (:class:`Collective`).
+
   Attributes:
     collectives: every collective found.
-    sent_bits: sum of ``sent_bits`` over them, each counted once (a loop's collectives
-      as if the loop ran once).
-    operand_bits: sum of ``operand_bits`` over them.
-    fixed_bits: sum of ``sent_bits`` over the collectives outside loops.
-    loop_bits: sum of ``sent_bits`` over the collectives inside loops: what one more
-      iteration sends.
+    sent_bits: bits one device sends, a loop without a stated trip count taken to run
+      once: ``fixed_bits + loop_bits``.
+    operand_bits: sum of ``count * operand_bits`` over the collectives.
+    fixed_bits: bits sent by the collectives outside loops without a stated trip count.
+    loop_bits: bits sent by the collectives inside them: what one more iteration sends.
   """
   collectives: tuple[Collective, ...]
 
   @property
   def sent_bits(self) -> float:
-    return sum(c.sent_bits for c in self.collectives)
+    return sum(c.count * c.sent_bits for c in self.collectives)
 
   @property
   def fixed_bits(self) -> float:
-    return sum(c.sent_bits for c in self.collectives if not c.in_loop)
+    return sum(c.count * c.sent_bits for c in self.collectives if not c.in_loop)
 
   @property
   def loop_bits(self) -> float:
-    return sum(c.sent_bits for c in self.collectives if c.in_loop)
+    return sum(c.count * c.sent_bits for c in self.collectives if c.in_loop)
 
   def bits(self, iterations: float = 1) -> float:
     """Bits one device sends when the program's loop runs ``iterations`` times.
@@ -113,8 +125,33 @@ class WireReport:
     return self.fixed_bits + iterations * self.loop_bits
 
   @property
-  def operand_bits(self) -> int:
-    return sum(c.operand_bits for c in self.collectives)
+  def operand_bits(self) -> float:
+    return sum(c.count * c.operand_bits for c in self.collectives)
+
+  def per_step(self, num_steps: int) -> WireReport:
+    """This report for one step of a program that runs ``num_steps`` identical steps.
+
+    For a ``lax.scan`` of ``num_steps`` steps (jrelu's ``parallel.scan_steps``): every
+    collective outside loops without a stated trip count is charged ``count / num_steps``
+    times; those inside such loops are charged per iteration already, and stay.
+
+    Args:
+      num_steps: positive int, the steps one run of the program makes.
+
+    Returns:
+      A :class:`WireReport` whose ``fixed_bits`` are one step's.
+
+    Raises:
+      ValueError: if ``num_steps`` is not a positive int.
+
+    Example:
+      >>> parse(scan_of_10_steps.as_text()).per_step(10).sent_bits
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+      raise ValueError(f"num_steps={num_steps!r}: must be a positive int")
+    return WireReport(tuple(
+        c if c.in_loop else dataclasses.replace(c, count=c.count / num_steps)
+        for c in self.collectives))
 
 
 def shape_bits(shape_text: str) -> int:
@@ -200,8 +237,8 @@ def parse(hlo_text: str) -> WireReport:
   shapes: dict[str, str] = {}
   found = []
   where = []          # the computation of each collective found
-  calls: dict[str, set] = {}   # computation -> computations its instructions call
-  loops: set = set()  # computations run as a while loop's body or condition
+  # computation -> [(caller, runs per run of the caller; None: a loop's, uncounted)]
+  callers: dict[str, list] = {}
   computation = ""
   for line in hlo_text.splitlines():
     opening = _COMPUTATION.match(line)
@@ -211,12 +248,18 @@ def parse(hlo_text: str) -> WireReport:
     match = _INSTRUCTION.match(line)
     if not match:
       continue
-    loops.update(_LOOP_CALLS.findall(line))
-    callees = calls.setdefault(computation, set())
-    callees.update(_LOOP_CALLS.findall(line))
-    callees.update(_CALLS.findall(line))
+    trips = _TRIP_COUNT.search(line)
+    trips = int(trips.group(1)) if trips else None
+    for body in _BODY.findall(line):
+      callers.setdefault(body, []).append((computation, trips))
+    for condition in _CONDITION.findall(line):   # tested once more than the body runs
+      callers.setdefault(condition, []).append(
+          (computation, None if trips is None else trips + 1))
+    callees = set(_CALLS.findall(line))
     for branches in _BRANCHES.findall(line):
       callees.update(b.strip().lstrip("%") for b in branches.split(",") if b.strip())
+    for callee in callees:
+      callers.setdefault(callee, []).append((computation, 1))
     name, rest = match.groups()
     shape, call = _split_shape(rest.strip())
     shapes[name] = shape
@@ -231,15 +274,26 @@ def parse(hlo_text: str) -> WireReport:
     n = _group_size(call, default_group)
     found.append(Collective(name, op, operand_bits, n, _FACTORS[op](n) * operand_bits))
     where.append(computation)
-  in_loops = set()
-  pending = list(loops)
-  while pending:   # everything a loop body or condition calls runs inside the loop
-    inner = pending.pop()
-    if inner not in in_loops:
-      in_loops.add(inner)
-      pending.extend(calls.get(inner, ()))
-  return WireReport(tuple(dataclasses.replace(c, in_loop=w in in_loops)
-                          for c, w in zip(found, where)))
+
+  runs: dict[str, tuple] = {}
+
+  def runs_of(computation, seen=()):
+    """(count, in_loop) of a computation: summed over the places that call it."""
+    if computation not in runs:
+      sites = []
+      for caller, times in callers.get(computation, ()):
+        if caller in seen or caller == computation:
+          continue   # not a call graph (HLO has none): ignore the cycle
+        count, in_loop = runs_of(caller, seen + (computation,))
+        sites.append((1, True) if times is None else (count * times, in_loop))
+      in_loop = any(looped for _, looped in sites)
+      runs[computation] = (sum(c for c, looped in sites if looped == in_loop) if sites
+                           else 1, in_loop)
+    return runs[computation]
+
+  return WireReport(tuple(
+      dataclasses.replace(c, count=runs_of(w)[0], in_loop=runs_of(w)[1])
+      for c, w in zip(found, where)))
 
 
 def measure(fn, *args) -> WireReport:

@@ -243,6 +243,45 @@ def test_parse_marks_the_collectives_of_a_loop():
   assert report.sent_bits == report.bits(1)   # each counted once
 
 
+
+# The same search inside a scan of 5 steps, as XLA compiles ``parallel.scan_steps``: the
+# scan's loop states its trip count, the search's does not. Each step all-reduces its
+# gradient once; the exchange branch sits inside the scan too.
+SCAN_HLO = LOOP_HLO.replace("ENTRY %main", "%step").replace(
+    "ROOT %k = f32[4]{0} conditional", "%grad = f32[4]{0} all-reduce(%p0), "
+    "replica_groups={{0,1,2,3,4,5,6,7}}, to_apply=%sum\n  ROOT %k = f32[4]{0} conditional"
+) + """
+%scan_cond (u: f32[4]) -> pred[] {
+  %u = f32[4]{0} parameter(0)
+  ROOT %go = pred[] constant(true)
+}
+
+ENTRY %main (x: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  ROOT %scan = f32[4]{0} while(%x), condition=%scan_cond, body=%step, backend_config={"known_trip_count":{"n":"5"}}
+}
+"""
+
+
+def test_parse_charges_a_stated_trip_count_and_reads_a_scan_per_step():
+  report = wire.parse(SCAN_HLO)
+  assert {c.name: (c.in_loop, c.count) for c in report.collectives} == {
+      "deep": (True, 1), "trial": (True, 1), "once": (False, 5), "grad": (False, 5)}
+  per = 2 * 7 / 8
+  # Exact: every term is a dyadic rational times a small integer.
+  assert report.fixed_bits == 5 * per * (128 + 128)
+  assert report.loop_bits == per * (32 + 64)        # per trial, whatever the step
+  step = report.per_step(5)
+  assert step.fixed_bits == per * (128 + 128) == wire.parse(
+      SCAN_HLO.replace('backend_config={"known_trip_count":{"n":"5"}}', "")
+      .replace("while(%x), condition=%scan_cond, body=%step", "call(%x), to_apply=%step")
+  ).fixed_bits                                      # the step called once, no loop
+  assert step.loop_bits == report.loop_bits
+  assert step.operand_bits == 128 + 128 + 32 + 64
+  for bad in (0, 2.5, True):
+    with pytest.raises(ValueError, match=f"num_steps={bad!r}"):
+      report.per_step(bad)
+
 def test_shape_bits():
   assert wire.shape_bits("f32[8,3]{1,0}") == 768
   assert wire.shape_bits("(bf16[4]{0}, pred[2]{0}, s8[])") == 64 + 16 + 8

@@ -109,8 +109,8 @@ def run(config: Config, workdir: str, *, devices=None,
   and stops early once ``config.target_relative_error`` is reached. After each chunk the
   metrics line is appended to ``metrics.jsonl``, logged, and passed to every callback.
   For EASGD, EAMSGD and DOWNPOUR the ``relative_error`` is the center's, and the summary's
-  ``wire_bits_per_step_per_device`` is one exchange's bits (read from the compiled step,
-  ``wire_bits_per_exchange_per_device``) over ``tau``; ``cumulative_wire_bits_per_device``
+  ``wire_bits_per_step_per_device`` is one exchange's bits (read from the compiled chunk
+  over its steps, ``wire_bits_per_exchange_per_device``) over ``tau``; ``cumulative_wire_bits_per_device``
   counts the exchanges made, ``ceil(step / tau)``.
 
   One run per workdir: ``run`` holds an exclusive lock on ``workdir/.lock`` while it
@@ -311,10 +311,24 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
                         if k not in ("num_steps", "target_relative_error", "log_every")}
   cache_key = (json.dumps(programs_depend_on, sort_keys=True),
                tuple(d.id for d in devices))
-  # One step's program: its collectives are those of one exchange (EASGD's sit in the
-  # branch that runs every tau steps), so the bits per step are these over tau.
-  bits = _cached(cache_key + ("wire",), lambda: wire.measure(
-      parallel.wrap(config.parallel, step, devices), state, data, batch_key))
+
+  def chunk_program(length):
+    """The compiled program of ``length`` steps, and the seconds it took to get."""
+    start = time.perf_counter()
+    program = _cached(cache_key + (length,), lambda: parallel.wrap(
+        config.parallel, parallel.scan_steps(step, length), devices).lower(
+            state, data, batch_key).compile())
+    return program, time.perf_counter() - start
+
+  # The bits are read from the first chunk's program, the one that runs: a step's are its
+  # bits over the chunk's length (the scan's loop states its trip count). EASGD's
+  # collectives sit in the branch that runs every tau steps, so a step's bits are one
+  # exchange's over tau.
+  steps_done = resumed["progress"]["steps"] if resumed is not None else 0
+  first_length = max(1, min(config.log_every, config.num_steps - steps_done))
+  first_program, first_compile_seconds = chunk_program(first_length)
+  bits = _cached(cache_key + ("wire",), lambda: wire.parse(
+      first_program.as_text()).per_step(first_length))
   tau = steps_per_exchange(config)
   # Every process reads the bits from its own compiled program.
   bits_by_process = [b / tau for b in processes.allgather(bits.sent_bits, "wire_bits")]
@@ -375,6 +389,7 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
                  summary["steps"])
   elif writer:
     files.writing(metrics_path, lambda: files.write_text(metrics_path, ""))
+  summary["compile_seconds"] += first_compile_seconds
   if writer:
     files.writing(summary_path, lambda: files.write_json(summary_path, summary))
   if armijo:
@@ -411,11 +426,8 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
     while (summary["steps"] < config.num_steps and summary["status"] == "running"
            and signum is None):
       length = min(config.log_every, config.num_steps - summary["steps"])
-      start = time.perf_counter()
-      program = _cached(cache_key + (length,), lambda: parallel.wrap(
-          config.parallel, parallel.scan_steps(step, length), devices).lower(
-              state, data, batch_key).compile())
-      summary["compile_seconds"] += time.perf_counter() - start
+      program, seconds = chunk_program(length)
+      summary["compile_seconds"] += seconds
       start = time.perf_counter()
       new_state, metrics = program(state, data, batch_key)
       # Every device holds the same params, hence the same error; the loss is the mean
