@@ -142,13 +142,23 @@ class WireReport:
       A :class:`WireReport` whose ``fixed_bits`` are one step's.
 
     Raises:
-      ValueError: if ``num_steps`` is not a positive int.
+      ValueError: if ``num_steps`` is not a positive int, or if ``num_steps > 1`` and the
+        program's collectives do not sit in a loop of a stated multiple of ``num_steps``
+        iterations (a backend that does not annotate trip counts: read one step's
+        program instead).
 
     Example:
       >>> parse(scan_of_10_steps.as_text()).per_step(10).sent_bits
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
       raise ValueError(f"num_steps={num_steps!r}: must be a positive int")
+    counted = [c.count for c in self.collectives if not c.in_loop]
+    if num_steps > 1 and self.collectives and (
+        not counted or any(count % num_steps for count in counted)):
+      raise ValueError(
+          f"num_steps={num_steps}: the program states no loop of {num_steps} iterations "
+          f"around its collectives (counts {counted}, {len(self.collectives) - len(counted)} "
+          "in loops without a stated trip count); measure a one-step program instead")
     return WireReport(tuple(
         c if c.in_loop else dataclasses.replace(c, count=c.count / num_steps)
         for c in self.collectives))

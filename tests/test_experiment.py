@@ -1,6 +1,8 @@
 """jrelu.experiment: the config's rules, the pieces it builds, and run() end to end."""
 
+import collections
 import json
+import re
 
 import jax
 import optax
@@ -10,6 +12,7 @@ from jrelu import experiment
 from jrelu import linesearch
 from jrelu import powersgd
 from jrelu import transforms
+from jrelu import wire
 
 DEVICES = 8
 TINY = dict(dim=20, num_samples=100, batch_size=16, learning_rate=0.1)
@@ -116,6 +119,34 @@ def test_last_chunk_may_be_shorter_and_target_zero_never_stops(tmp_path):
   on_disk = json.loads((tmp_path / "summary.json").read_text())
   assert on_disk["num_levels"] == 4 and on_disk["workdir"] == str(tmp_path)
 
+
+
+def test_bits_come_from_the_running_chunk_or_without_stated_trip_counts_from_one_step(
+    tmp_path, monkeypatch):
+  # Each run reads its bits from the compiled chunk of 5 steps (no one-step program):
+  # they equal the formula. Then a backend that states no trip counts (simulated by
+  # removing XLA's annotations from the text): one step's program is compiled and read,
+  # and the bits are the same.
+  config = experiment.Config(**TINY, num_steps=10, log_every=5)
+  monkeypatch.setattr(experiment.loop, "_PROGRAMS", collections.OrderedDict())
+  measured = []
+  measure = wire.measure
+  monkeypatch.setattr(wire, "measure", lambda *args: measured.append(1) or measure(*args))
+  summary = experiment.run(config, str(tmp_path / "stated"), devices=jax.devices()[:DEVICES])
+  # Exact: both are 2 (N-1)/N or (N-1) times whole numbers of bits, dyadic products.
+  assert (summary["wire_bits_per_step_per_device"]
+          == summary["predicted_wire_bits_per_step_per_device"] > 0)
+  assert not measured
+  parse = wire.parse
+  monkeypatch.setattr(wire, "parse", lambda text: parse(
+      re.sub(r'"known_trip_count":\{"n":"\d+"\}', "", text)))
+  monkeypatch.setattr(experiment.loop, "_PROGRAMS", collections.OrderedDict())
+  unstated = experiment.run(config, str(tmp_path / "unstated"),
+                            devices=jax.devices()[:DEVICES])
+  assert measured == [1]
+  for field in ("wire_bits_per_step_per_device", "wire_operand_bits_per_step_per_device",
+                "relative_error"):
+    assert unstated[field] == summary[field], field
 
 def test_divergence_raises_keeps_the_summary_and_the_chunks_finite_steps(tmp_path):
   config = experiment.Config(**dict(TINY, learning_rate=1e4), num_steps=20, log_every=4)

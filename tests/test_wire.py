@@ -281,6 +281,12 @@ def test_parse_charges_a_stated_trip_count_and_reads_a_scan_per_step():
   for bad in (0, 2.5, True):
     with pytest.raises(ValueError, match=f"num_steps={bad!r}"):
       report.per_step(bad)
+  # A scan whose trip count the program does not state cannot be read per step.
+  with pytest.raises(ValueError, match="states no loop of 5 iterations"):
+    wire.parse(SCAN_HLO.replace('backend_config={"known_trip_count":{"n":"5"}}', "")
+               ).per_step(5)
+  with pytest.raises(ValueError, match="states no loop of 3 iterations"):
+    report.per_step(3)
 
 def test_shape_bits():
   assert wire.shape_bits("f32[8,3]{1,0}") == 768

@@ -320,15 +320,23 @@ def _run_locked(config, workdir, devices, callbacks, checkpoint_every, keep_chec
             state, data, batch_key).compile())
     return program, time.perf_counter() - start
 
-  # The bits are read from the first chunk's program, the one that runs: a step's are its
-  # bits over the chunk's length (the scan's loop states its trip count). EASGD's
-  # collectives sit in the branch that runs every tau steps, so a step's bits are one
-  # exchange's over tau.
+  def wire_report(program, length):
+    """One step's collectives, read from the program of ``length`` steps that runs: its
+    bits over ``length`` (XLA states the scan's trip count). A backend that states none
+    gets a one-step program compiled only to be read, as :func:`jrelu.wire.measure` does.
+    EASGD's collectives sit in the branch that runs every tau steps, so a step's bits are
+    one exchange's (over tau in the summary)."""
+    try:
+      return wire.parse(program.as_text()).per_step(length)
+    except ValueError as e:
+      logging.info("wire: %s", e)
+      return wire.measure(parallel.wrap(config.parallel, step, devices), state, data,
+                          batch_key)
+
   steps_done = resumed["progress"]["steps"] if resumed is not None else 0
   first_length = max(1, min(config.log_every, config.num_steps - steps_done))
   first_program, first_compile_seconds = chunk_program(first_length)
-  bits = _cached(cache_key + ("wire",), lambda: wire.parse(
-      first_program.as_text()).per_step(first_length))
+  bits = _cached(cache_key + ("wire",), lambda: wire_report(first_program, first_length))
   tau = steps_per_exchange(config)
   # Every process reads the bits from its own compiled program.
   bits_by_process = [b / tau for b in processes.allgather(bits.sent_bits, "wire_bits")]
