@@ -287,23 +287,24 @@ def parse(hlo_text: str) -> WireReport:
 
   runs: dict[str, tuple] = {}
 
-  def runs_of(computation, seen=()):
-    """(count, in_loop) of a computation: summed over the places that call it."""
+  def runs_of(computation):
+    """``(count, in_loop)`` of a computation, summed over the places that call it (HLO
+    calls form a DAG: no computation calls itself, directly or not)."""
     if computation not in runs:
       sites = []
       for caller, times in callers.get(computation, ()):
-        if caller in seen or caller == computation:
-          continue   # not a call graph (HLO has none): ignore the cycle
-        count, in_loop = runs_of(caller, seen + (computation,))
+        count, in_loop = runs_of(caller)
         sites.append((1, True) if times is None else (count * times, in_loop))
       in_loop = any(looped for _, looped in sites)
       runs[computation] = (sum(c for c, looped in sites if looped == in_loop) if sites
                            else 1, in_loop)
     return runs[computation]
 
-  return WireReport(tuple(
-      dataclasses.replace(c, count=runs_of(w)[0], in_loop=runs_of(w)[1])
-      for c, w in zip(found, where)))
+  collectives = []
+  for c, w in zip(found, where):
+    count, in_loop = runs_of(w)
+    collectives.append(dataclasses.replace(c, count=count, in_loop=in_loop))
+  return WireReport(tuple(collectives))
 
 
 def measure(fn, *args) -> WireReport:

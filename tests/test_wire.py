@@ -261,6 +261,7 @@ ENTRY %main (x: f32[4]) -> f32[4] {
   ROOT %scan = f32[4]{0} while(%x), condition=%scan_cond, body=%step, backend_config={"known_trip_count":{"n":"5"}}
 }
 """
+UNSTATED_SCAN_HLO = SCAN_HLO.replace('backend_config={"known_trip_count":{"n":"5"}}', "")
 
 
 def test_parse_charges_a_stated_trip_count_and_reads_a_scan_per_step():
@@ -273,8 +274,8 @@ def test_parse_charges_a_stated_trip_count_and_reads_a_scan_per_step():
   assert report.loop_bits == per * (32 + 64)        # per trial, whatever the step
   step = report.per_step(5)
   assert step.fixed_bits == per * (128 + 128) == wire.parse(
-      SCAN_HLO.replace('backend_config={"known_trip_count":{"n":"5"}}', "")
-      .replace("while(%x), condition=%scan_cond, body=%step", "call(%x), to_apply=%step")
+      UNSTATED_SCAN_HLO.replace("while(%x), condition=%scan_cond, body=%step",
+                                "call(%x), to_apply=%step")
   ).fixed_bits                                      # the step called once, no loop
   assert step.loop_bits == report.loop_bits
   assert step.operand_bits == 128 + 128 + 32 + 64
@@ -283,8 +284,7 @@ def test_parse_charges_a_stated_trip_count_and_reads_a_scan_per_step():
       report.per_step(bad)
   # A scan whose trip count the program does not state cannot be read per step.
   with pytest.raises(ValueError, match="states no loop of 5 iterations"):
-    wire.parse(SCAN_HLO.replace('backend_config={"known_trip_count":{"n":"5"}}', "")
-               ).per_step(5)
+    wire.parse(UNSTATED_SCAN_HLO).per_step(5)
   with pytest.raises(ValueError, match="states no loop of 3 iterations"):
     report.per_step(3)
 

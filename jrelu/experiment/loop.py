@@ -110,8 +110,8 @@ def run(config: Config, workdir: str, *, devices=None,
   metrics line is appended to ``metrics.jsonl``, logged, and passed to every callback.
   For EASGD, EAMSGD and DOWNPOUR the ``relative_error`` is the center's, and the summary's
   ``wire_bits_per_step_per_device`` is one exchange's bits (read from the compiled chunk
-  over its steps, ``wire_bits_per_exchange_per_device``) over ``tau``; ``cumulative_wire_bits_per_device``
-  counts the exchanges made, ``ceil(step / tau)``.
+  over its steps, ``wire_bits_per_exchange_per_device``) over ``tau``;
+  ``cumulative_wire_bits_per_device`` counts the exchanges made, ``ceil(step / tau)``.
 
   One run per workdir: ``run`` holds an exclusive lock on ``workdir/.lock`` while it
   runs. At the first chunk boundary at or after every ``checkpoint_every`` steps, and
