@@ -36,6 +36,7 @@ RUNTIME_HEAVY = {"xla_backend_optimization_level": 2,
 # bitpack.unpack compiled once per (n, bits) rather than op by op (eager JAX compiles every
 # primitive): the codec tests read packed words with it.
 unpack = jax.jit(bitpack.unpack, static_argnums=(1, 2))
+pack = jax.jit(bitpack.pack, static_argnums=1)
 
 
 def problem(dim=DIM, num_samples=NUM_SAMPLES, seed=0):

@@ -28,7 +28,8 @@ TINY = ["--quick", "--skip_torch", "--methods=none", "--sweep_method=none",
         "--num_devices=2", "--dim=16",
         "--batch_size=32", "--num_samples=256", "--repeats=1", "--steps_per_chunk=2",
         "--sweep_dims=16", "--sweep_batches=16,32", "--kernel_dims=64",
-        "--kernel_compressors=none,qsgd",
+        "--kernel_compressors=none,qsgd", "--network_dim=16", "--network_hidden=2",
+        "--network_batch_size=8", "--network_compressors=none", "--network_repeats=1",
         "--scale_dim=64", "--scale_batch_size=8", "--scale_steps=1"]
 
 
@@ -40,7 +41,7 @@ def test_tiny_run_prints_one_json_line_with_every_section(tmp_path):
   out = helpers.run_benchmark(MODULE, *TINY, f"--outdir={tmp_path}", cwd=tmp_path)
   for key in ("jax_version", "backend", "device_count", "cpu_model", "cpu_cores",
               "llc_bytes", "config", "methods", "roofline", "step", "torch", "ratios",
-              "targets", "sweep", "kernels", "scale", "plots", "summary_md",
+              "targets", "sweep", "kernels", "network", "scale", "plots", "summary_md",
               "runtime_seconds", "section_seconds"):
     assert key in out, key
   assert out["benchmark"] == "step_throughput"
@@ -69,6 +70,13 @@ def test_tiny_run_prints_one_json_line_with_every_section(tmp_path):
   assert set(kernels) == {"none", "qsgd"}
   assert kernels["qsgd"][0]["dim"] == 64 and kernels["qsgd"][0]["gbytes_per_second"] > 0
 
+  network = out["network"]
+  assert [r["method"] for r in network["rows"]] == ["psum", "none"]
+  assert network["parameters"] == 2 * 16 + 2 * 2 and network["num_devices"] == 2
+  for r in network["rows"]:
+    assert r["step_seconds"]["median"] > 0 and r["wire_bits_per_step_per_device"] > 0, r
+  assert network["rows"][0]["compression_share"] == 0
+
   scale = out["scale"]
   assert scale["dim"] == 64 and scale["steps_per_second"]["median"] > 0, scale
   assert scale["method"] == "qsgd" and scale["num_devices"] == 2
@@ -76,7 +84,8 @@ def test_tiny_run_prints_one_json_line_with_every_section(tmp_path):
 
   summary = pathlib.Path(out["summary_md"]).read_text()
   for heading in ("## jrelu training step", "## Scaling",
-                  "## Compressor kernels", "## Scale"):
+                  "## Compressor kernels", "## Training step of the two-layer network",
+                  "## Scale"):
     assert heading in summary
   assert {pathlib.Path(p).name for p in out["plots"]} == {
       "steps_per_second.png", "scaling.png", "kernels.png"}
@@ -95,6 +104,8 @@ BAD_FLAGS = [
     (["--scale_batch_size=12"], "--scale_batch_size=12: not divisible by --num_devices=8"),
     (["--num_samples=1024"], "--num_samples=1024: smaller than --batch_size=4096"),
     (["--kernel_compressors=qsgd,zip"], "--kernel_compressors"),
+    (["--network_compressors=zip"], "--network_compressors"),
+    (["--kernel_baseline=/nonexistent"], "--kernel_baseline"),
     (["--methods=qsgd,topk"], "--methods"),
     (["extra"], "unexpected arguments ['extra']"),
 ]
@@ -117,9 +128,12 @@ def test_flags_give_the_settings_of_the_modes():
   assert (tiny.num_devices, tiny.dim, tiny.batch_size, tiny.num_samples) == (2, 16, 32, 256)
   assert (tiny.sweep_dims, tiny.sweep_batches, tiny.kernel_dims) == ((16,), (16, 32), (64,))
   assert tiny.methods == ("none",) and tiny.kernel_compressors == ("none", "qsgd")
+  assert (tiny.network_dim, tiny.network_hidden, tiny.network_compressors) == (16, 2, ("none",))
+  assert tiny.kernel_baseline is None
   full = binary.settings_from_flags(helpers.benchmark_flags(binary))
   assert not full.quick and full.repeats == settings.FULL["repeats"]
   assert full.kernel_dims == (1000, 10_000, 100_000, 1_000_000, 10_000_000)
+  assert (full.network_dim, full.network_hidden) == (10_000, 1000)  # about 1e7 parameters
 
 
 def test_the_binaries_import_into_one_process_and_define_flags_only_when_asked():

@@ -503,3 +503,79 @@ def test_rand_k_every_subset_equally_likely():
   assert np.all(np.abs(counts[subsets] - expected) <= 6 * sd + 1), counts[subsets]
   chi2 = float(np.sum((counts[subsets] - expected) ** 2 / expected))
   assert chi2 <= 90.0, chi2
+
+
+# ----------------------------------------------------------------------------------------
+# Large arrays: the selections that do not sort every coordinate.
+
+
+LARGE = 1 << 17  # above MIN_SIZE of both sparsifiers
+
+
+def test_top_k_without_sorting_is_lax_top_k():
+  # top_indices ranks only the entries above a threshold from a strided sample, and falls
+  # back to jax.lax.top_k of everything when they do not hold the top k: either way the
+  # same indices in the same order. Rows: generic, many ties, sorted, and a pattern the
+  # sample never sees (the large entries sit between sampled positions), which takes the
+  # fallback; under vmap, so one row's fallback runs beside the others' fast path.
+  from jrelu.compressors import _top_k
+  k = 300
+  rng = np.random.default_rng(7)
+  generic = np.abs(rng.standard_normal(LARGE))
+  hidden = np.zeros(LARGE)
+  hidden[1 + 2 * rng.choice(LARGE // 2 - 1, k, replace=False)] = 1.0 + rng.random(k)
+  assert (LARGE // _top_k.SAMPLE) % 2 == 0  # the sample reads even positions only
+  rows = np.stack([generic, np.round(4 * generic) / 4, np.sort(generic), hidden])
+  a = jnp.asarray(rows, jnp.float32)
+  got = jax.jit(jax.vmap(lambda v: _top_k.top_indices(v, k)))(a)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.lax.top_k(a, k)[1]))
+
+
+def test_rand_k_large_draws_are_uniform_subsets():
+  # Above MIN_SIZE the index set is drawn without a sort: k distinct indices in
+  # increasing order. A uniform k-subset has P(i in S) = k / d and, for i != j,
+  # P(i, j in S) = k (k - 1) / (d (d - 1)). Over 200 fixed keys each index's count is
+  # Binomial(200, k / d) (chi-square over all d indices, mean 1, sd sqrt(2 / d)), and
+  # the number of adjacent pairs (i, i + 1) both in S is within 6 sd of its mean (the
+  # pair indicators are nearly independent; their variance is at most the sum of their
+  # means plus the covariances of overlapping pairs, counted in `var` below).
+  from jrelu.compressors import _rand_k
+  d, k, draws = LARGE, 600, 200
+  keys = jax.random.split(jax.random.key(21), draws)
+  idx = np.asarray(jax.jit(jax.vmap(lambda key: _rand_k.sample_indices(key, d, k)))(keys))
+  assert idx.shape == (draws, k) and np.all(np.diff(idx, axis=1) > 0)
+  assert idx.min() >= 0 and idx.max() < d
+  p = k / d
+  counts = np.bincount(idx.ravel(), minlength=d)
+  chi2 = np.mean((counts - draws * p) ** 2 / (draws * p * (1 - p)))
+  assert abs(chi2 - 1) <= 6 * math.sqrt(2 / d), chi2
+  member = np.zeros((draws, d), bool)
+  np.put_along_axis(member, idx, True, axis=1)
+  pairs = int(np.sum(member[:, 1:] & member[:, :-1]))
+  q = k * (k - 1) / (d * (d - 1))
+  mean = draws * (d - 1) * q
+  var = mean + 2 * draws * (d - 2) * (k * (k - 1) * (k - 2) / (d * (d - 1) * (d - 2)))
+  assert abs(pairs - mean) <= 6 * math.sqrt(var), (pairs, mean)
+
+
+def test_rand_k_large_draw_repeats_until_its_candidates_fit(monkeypatch):
+  # With room for only the expected number of candidates, about half of the draws
+  # overflow and are drawn again with fresh bits: the result is still k distinct
+  # indices, and the codec decodes to its values at them.
+  from jrelu.compressors import _rand_k
+  layout = _rand_k._candidate_layout
+
+  def tight(size, k):
+    threshold, _ = layout(size, k)
+    return threshold, math.ceil(size * threshold / 256)
+
+  monkeypatch.setattr(_rand_k, "_candidate_layout", tight)
+  c = compressors.rand_k(500)
+  x = jnp.asarray(make_vector((LARGE,), seed=8))
+  outs = np.asarray(jax.jit(jax.vmap(lambda key: c.decode(c.encode(key, x))))(
+      jax.random.split(jax.random.key(0), 4)))
+  for out in outs:
+    chosen = np.flatnonzero(out)
+    assert len(chosen) == 500
+    np.testing.assert_allclose(out[chosen], np.asarray(x)[chosen] * (LARGE / 500),
+                               rtol=1e-6)

@@ -34,8 +34,14 @@ Sections (``--sections``, default all):
 * ``sweep``: the ``vmap`` step (``SWEEP_METHOD``, N devices) over d at fixed B and over B
   at fixed d: cost should grow linearly in both (fitted log-log exponents, plot).
 * ``kernels``: encode + decode throughput of every compressor in
-  ``jrelu.compressors.REGISTRY`` (GB/s of float32 input, jitted, one device) from
-  d = 1e3 to 1e7, next to the NumPy read bandwidth.
+  ``jrelu.compressors.REGISTRY`` (GB/s of float32 input, jitted, one device, the input
+  read from memory as a gradient is) from d = 1e3 to 1e7, next to the NumPy read
+  bandwidth, with each codec's ratio to it.
+* ``network``: one ``pmap`` training step of the planted two-layer network
+  (``jrelu.network``, ``--network_hidden`` x ``--network_dim``: about 1e7 parameters) on
+  N devices with online batches, float32 ``psum`` against every codec with its default
+  aggregation: the step time and the compression share of it
+  (``benchmarks.step_throughput.network_step``).
 * ``scale``: d = ``--scale_dim`` (1e6) with online sampling (fresh Gaussian batches drawn on
   the devices every step, no stored data set) and QSGD for a few steps, in a fresh
   process: peak memory (``ru_maxrss``) and steps per second.
@@ -48,7 +54,8 @@ Prints one JSON line; writes ``OUTDIR/results.json``, ``OUTDIR/summary.md`` (tab
 README) and the plots ``steps_per_second.png``, ``scaling.png``, ``kernels.png``.
 
 Modules: ``settings`` (the timed rows, ``Settings``), ``steps`` (step, rendezvous and
-sweep), ``kernels``, ``peers`` (PyTorch), ``scale``, ``report`` (plots, summary.md),
+sweep), ``kernels``, ``network_step``, ``peers`` (PyTorch), ``scale``, ``report`` (plots,
+summary.md),
 ``benchmark`` (``run(settings, devices)``) and ``__main__`` (the flags).
 """
 

@@ -10,6 +10,8 @@ print one line ``benchmarks.step_throughput: error: ...`` on stderr and exit wit
 
 from __future__ import annotations
 
+import os
+
 from absl import flags
 
 from benchmarks import common
@@ -79,6 +81,23 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_list(
       "kernel_compressors", None, "Registry names of the kernels section (default: all).",
       flag_values=fv)
+  flags.DEFINE_string(
+      "kernel_baseline", None, "A repository root (e.g. a worktree of the main branch) "
+      "whose codecs the kernels section also times, after each of this checkout's, with "
+      "the same loop in a fresh process: before/after in one run.", flag_values=fv)
+  flags.DEFINE_integer("network_dim", None, "Input dimension d of the network section's "
+                       "two-layer network (default 10000, quick 1000).", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("network_hidden", None, "Hidden units K of that network (default "
+                       "1000: about 1e7 parameters; quick 100).", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("network_batch_size", None, "Global batch of the network section "
+                       "(default 64).", lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("network_repeats", None, "Timed steps per row of the network "
+                       "section (default 3, quick 2).", lower_bound=1, flag_values=fv)
+  flags.DEFINE_list(
+      "network_compressors", None, "Registry names of the network section (default: all; "
+      "the float32 psum row always runs).", flag_values=fv)
   flags.DEFINE_integer("scale_dim", 1_000_000, "d of the scale section.", lower_bound=1,
                        flag_values=fv)
   flags.DEFINE_integer(
@@ -149,6 +168,17 @@ def settings_from_flags(flag_values: flags.FlagValues) -> settings.Settings:
     common.fail(f"flag --kernel_compressors={','.join(fv.kernel_compressors)}: "
                 f"{unknown[0]!r} is not in jrelu.compressors.REGISTRY "
                 f"({', '.join(compressors.REGISTRY)})")
+  unknown = [c for c in (fv.network_compressors or []) if c not in compressors.REGISTRY]
+  if unknown:
+    common.fail(f"flag --network_compressors={','.join(fv.network_compressors)}: "
+                f"{unknown[0]!r} is not in jrelu.compressors.REGISTRY "
+                f"({', '.join(compressors.REGISTRY)})")
+  if fv.network_batch_size is not None and fv.network_batch_size % n_dev:
+    common.fail(f"flag --network_batch_size={fv.network_batch_size}: not divisible by "
+                f"--num_devices={n_dev}")
+  if fv.kernel_baseline is not None and not os.path.isdir(
+      os.path.join(fv.kernel_baseline, "jrelu")):
+    common.fail(f"flag --kernel_baseline={fv.kernel_baseline}: no jrelu package there")
   num_samples = fv.num_samples
   if num_samples is not None and num_samples < fv.batch_size:
     common.fail(f"flag --num_samples={num_samples}: smaller than "
@@ -163,6 +193,9 @@ def settings_from_flags(flag_values: flags.FlagValues) -> settings.Settings:
       sweep_dims=fv.sweep_dims, sweep_batches=fv.sweep_batches,
       kernel_dims=fv.kernel_dims,
       kernel_compressors=fv.kernel_compressors and tuple(fv.kernel_compressors),
+      kernel_baseline=fv.kernel_baseline, network_dim=fv.network_dim, network_hidden=fv.network_hidden,
+      network_batch_size=fv.network_batch_size, network_repeats=fv.network_repeats,
+      network_compressors=fv.network_compressors and tuple(fv.network_compressors),
       scale_dim=fv.scale_dim, scale_batch_size=fv.scale_batch_size,
       scale_steps=fv.scale_steps)
 

@@ -2,7 +2,7 @@
 
 :func:`run` takes its :class:`~benchmarks.step_throughput.settings.Settings` and the
 devices as arguments (no flags): scale (first, while this process is small), roofline,
-step, torch, sweep, kernels, then plots, ``summary.md`` and ``results.json``.
+step, torch, sweep, kernels, network, then plots, ``summary.md`` and ``results.json``.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ from absl import logging
 
 from benchmarks import common
 from benchmarks.step_throughput import kernels
+from benchmarks.step_throughput import network_step
 from benchmarks.step_throughput import peers
 from benchmarks.step_throughput import report
 from benchmarks.step_throughput import scale
 from benchmarks.step_throughput import settings
 from benchmarks.step_throughput import steps as steps_lib
+from jrelu import compressors
 from jrelu import experiment
 
 
@@ -194,8 +196,17 @@ def run(s: settings.Settings, devices) -> dict:
   if "kernels" in sections:
     t0 = time.perf_counter()
     result["kernels"] = kernels.kernel_section(list(s.kernel_dims), repeats, read_gbps,
-                                               s.kernel_compressors, s.kernel_call_seconds)
+                                               s.kernel_compressors, s.kernel_call_seconds,
+                                               s.kernel_baseline)
     result["section_seconds"]["kernels"] = time.perf_counter() - t0
+
+  if "network" in sections:
+    t0 = time.perf_counter()
+    names = s.network_compressors or tuple(compressors.REGISTRY)
+    result["network"] = network_step.network_section(
+        s.network_dim, s.network_hidden, s.network_batch_size, 1, s.network_repeats,
+        devices[:n_dev], names)
+    result["section_seconds"]["network"] = time.perf_counter() - t0
 
   plots = [report.plot_steps(step_rows, torch_out, os.path.join(s.outdir, "steps_per_second.png"))
            if step_rows else None,

@@ -241,6 +241,51 @@ def summary_markdown(result) -> str:
       lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"NumPy streaming read: {_fmt(kernels.get('read_gbytes_per_second'))} GB/s.",
               ""]
+    if kernels.get("read_gbytes_per_second"):
+      lines += ["Ratio to the streaming read (encode + decode GB/s / read GB/s):", "",
+                "| compressor | " + " | ".join(f"d = {d:.0e}" for d in dims) + " |",
+                "|---|" + "---|" * len(dims)]
+      for name, rows in kernels["compressors"].items():
+        by_dim = {r["dim"]: r for r in rows if r.get("dim")}
+        cells = [_fmt(by_dim[d].get("fraction_of_read_bandwidth"), 2) if d in by_dim
+                 else "" for d in dims]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+      lines.append("")
+    if kernels.get("baseline"):
+      lines += [f"Before ({kernels['baseline']}) and after, timed in turn in this run: "
+                "encode + decode GB/s (ratio to the streaming read):", "",
+                "| compressor | d | before | after | speed-up |", "|---|---|---|---|---|"]
+      for name, rows in kernels["compressors"].items():
+        for r in rows:
+          if not r.get("dim") or "gbytes_per_second" not in r:
+            continue
+          after = f"{_fmt(r['gbytes_per_second'])} ({_fmt(r.get('fraction_of_read_bandwidth'), 2)})"
+          if "baseline_gbytes_per_second" in r:
+            before = (f"{_fmt(r['baseline_gbytes_per_second'])} "
+                      f"({_fmt(r.get('baseline_fraction_of_read_bandwidth'), 2)})")
+            gain = f"{r['gbytes_per_second'] / r['baseline_gbytes_per_second']:.0f}x"
+          else:
+            before, gain = f"error: {r.get('baseline_error', '')[:60]}", ""
+          lines.append(f"| {name} | {r['dim']:.0e} | {before} | {after} | {gain} |")
+      lines.append("")
+  net = m.get("network")
+  if net:
+    lines += [f"## Training step of the two-layer network ({net['parameters']:,} parameters,"
+              f" K = {net['hidden']}, d = {net['dim']}, global batch {net['batch_size']}, "
+              f"{net['num_devices']} devices, pmap, online batches)", "",
+              "| method | aggregation | ms/step [min-max] | compression share | bits sent "
+              "per device per step |", "|---|---|---|---|---|"]
+    for r in net["rows"]:
+      how = "psum" if r["method"] == "psum" else "two_phase"
+      name = "float32" if r["method"] == "psum" else r["method"]
+      if "error" in r:
+        lines.append(f"| {name} | {how} | error: {r['error'][:80]} | | |")
+        continue
+      st = r["step_seconds"]
+      lines.append(f"| {name} | {how} | {1e3 * st['median']:.0f} [{1e3 * st['min']:.0f}-"
+                   f"{1e3 * st['max']:.0f}] | {_fmt(r.get('compression_share'), 2)} | "
+                   f"{r['wire_bits_per_step_per_device']:,.0f} |")
+    lines.append("")
   scale = m.get("scale")
   if scale and "steps_per_second" in scale:
     lines += ["## Scale", "",

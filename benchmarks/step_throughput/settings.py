@@ -13,7 +13,7 @@ import dataclasses
 from benchmarks import common
 from jrelu import experiment
 
-SECTIONS = ("step", "roofline", "torch", "sweep", "kernels", "scale")
+SECTIONS = ("step", "roofline", "torch", "sweep", "kernels", "network", "scale")
 PATHS = ("vmap", "pmap", "pmap_replacement")
 
 
@@ -54,8 +54,10 @@ METHODS = {
                                                     "loop_none")),
     "qsgd": Method("qsgd", {"num_levels": 4, "norm": "max"}, "two_phase",
                    torch_peers=("ddp_quantization", "ddp_powersgd", "loop_qsgd")),
-    # The same step with a Philox key: QSGD's uniform draws dominate its cost on CPU, and
-    # Philox draws them about twice as fast as threefry (the numbers differ, not the law).
+    # The same step with a Philox key. QSGD's uniform draws used to dominate its cost on
+    # CPU, and Philox drew them about twice as fast as threefry; the codecs now draw their
+    # bits with Threefry inside their own loops (jrelu.compressors.threefry) and the key
+    # only seeds them, so the two rows should time alike (the numbers differ, not the law).
     # vmap only: JAX 0.10.2 cannot lower Philox's mulhi inside pmap ("mhlo.unknown").
     "qsgd_philox": Method("qsgd", {"num_levels": 4, "norm": "max"}, "two_phase",
                           torch_peers=("ddp_quantization", "ddp_powersgd", "loop_qsgd"),
@@ -70,6 +72,9 @@ KERNEL_KWARGS = {
     "top_k": {"fraction": 0.01},
     "atomo": {"budget": 8},
 }
+# Hyper-parameters of the network section's codecs (the kernels section's).
+NETWORK_KWARGS = {"qsgd": {"num_levels": 4, "norm": "max"}, "rand_k": {"fraction": 0.01},
+                  "top_k": {"fraction": 0.01}, "atomo": {"budget": 8}}
 TORCH_DDP_HOOKS = ("allreduce", "fp16", "quantization", "powersgd")
 TARGETS = {"roofline_ratio": 0.5, "times_fastest_torch_peer": 3.0}
 TIMING_NOTE = ("Absolute speeds of a shared or virtual machine drift between runs (by a "
@@ -81,12 +86,16 @@ FULL = {"repeats": 7, "steps_per_chunk": 50, "sweep_dims": "250,500,1000,2000,40
         "kernel_call_seconds": 0.2, "ddp_worker_counts": "all", "scale_steps": 3,
         "sweep_batches": "512,1024,2048,4096,8192", "kernel_dims": "1e3,1e4,1e5,1e6,1e7",
         "torch_steps": 20, "ddp_steps": 10, "ddp_hooks": TORCH_DDP_HOOKS,
-        "step_paths": PATHS, "methods": None}
+        "step_paths": PATHS, "methods": None,
+        "network_dim": 10_000, "network_hidden": 1000, "network_batch_size": 64,
+        "network_repeats": 3}
 QUICK = {"repeats": 3, "steps_per_chunk": 20, "sweep_dims": "250,4000",
          "sweep_batches": "512,8192", "kernel_call_seconds": 0.05, "ddp_worker_counts": "N",
          "scale_steps": 1, "kernel_dims": "1e3,1e4,1e5",
          "torch_steps": 10, "ddp_steps": 4, "ddp_hooks": ("allreduce",),
-         "step_paths": ("vmap", "pmap"), "methods": ("none", "qsgd")}
+         "step_paths": ("vmap", "pmap"), "methods": ("none", "qsgd"),
+         "network_dim": 1000, "network_hidden": 100, "network_batch_size": 64,
+         "network_repeats": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +121,12 @@ class Settings:
     kernel_dims: d values of the kernels section.
     kernel_compressors: registry names of the kernels section, or None for all.
     kernel_call_seconds: target seconds per timed kernel call.
+    kernel_baseline: a repository root whose codecs the kernels section times too, or None.
+    network_dim: d of the network section's two-layer network.
+    network_hidden: its hidden units K (``K d + 2 K`` parameters).
+    network_batch_size: its global batch.
+    network_repeats: timed calls (of one step each) per row of the network section.
+    network_compressors: registry names of the network section, or None for all.
     scale_dim: d of the scale section.
     scale_batch_size: global batch of the scale section.
     scale_steps: timed steps of the scale section.
@@ -138,6 +153,12 @@ class Settings:
   kernel_dims: tuple
   kernel_compressors: tuple | None
   kernel_call_seconds: float
+  kernel_baseline: str | None
+  network_dim: int
+  network_hidden: int
+  network_batch_size: int
+  network_repeats: int
+  network_compressors: tuple | None
   scale_dim: int
   scale_batch_size: int
   scale_steps: int

@@ -45,7 +45,9 @@ import numpy as np
 
 from jrelu import _checks
 from jrelu.compressors import base
+from jrelu.compressors import _select
 from jrelu.compressors import bitpack
+from jrelu.compressors import threefry
 
 ATOMS = ("auto", "entry", "svd")
 
@@ -90,6 +92,89 @@ def _water_fill(magnitudes, budget: int):
   p = jnp.zeros(n, jnp.float32).at[order].set(p_sorted)
   saturated = jnp.zeros(n, bool).at[order].set(saturated_sorted)
   return p, tau, saturated
+
+
+# Entry-wise water-filling of an array of at least TOP_MIN_SIZE atoms with a budget of at
+# most TOP_MAX_BUDGET uses only its TOP_BLOCK-blocks holding its largest atoms
+# (_water_fill_top); smaller problems sort (_water_fill).
+TOP_MIN_SIZE = 1 << 16
+TOP_MAX_BUDGET = 64
+TOP_BLOCK = 1 << 12
+
+
+def _use_top(n: int, budget: int) -> bool:
+  """Whether :func:`_water_fill_top` applies: a large array, a small budget, and the
+  budget's blocks a small part of the array."""
+  return (n >= TOP_MIN_SIZE and budget <= TOP_MAX_BUDGET
+          and 4 * budget * TOP_BLOCK <= n)
+
+
+def _top_s(a, s: int):
+  """``jax.lax.top_k(a, s)`` of non-negative ``a`` (same values, indices and order) for a
+  small ``s``, from ``s`` blocks of ``TOP_BLOCK`` entries.
+
+  Order the entries by (value descending, index ascending) and each block by its best
+  entry. An entry among the ``s`` best lies in one of the ``s`` best blocks: otherwise
+  ``s`` blocks have best entries ahead of its block's, hence ahead of it, all distinct.
+  Blocks are ordered by (maximum descending, block index ascending), the order of their
+  best entries, which is what ``jax.lax.top_k`` of the block maxima gives; the chosen
+  blocks are read in index order, so ties keep breaking toward the lowest index.
+  """
+  n = a.shape[0]
+  blocks = -(-n // TOP_BLOCK)
+  view = jnp.pad(a, (0, blocks * TOP_BLOCK - n), constant_values=-1.0)
+  view = view.reshape(blocks, TOP_BLOCK)
+  chosen = jnp.sort(jax.lax.top_k(jnp.max(view, axis=1), min(s, blocks))[1])
+  union = view[chosen].reshape(-1)
+  values, position = jax.lax.top_k(union, s)
+  index = chosen[position // TOP_BLOCK] * TOP_BLOCK + position % TOP_BLOCK
+  return values, index
+
+
+def _water_fill_top(x, budget: int):
+  """Water-filling of the entry-wise atoms of ``x`` (float32 ``[n]``) from its top
+  ``s = min(budget, n)`` magnitudes and their sum, for :func:`_use_top` sizes.
+
+  The saturated atoms are the first ``j <= s - 1`` of the sorted magnitudes (see
+  :func:`_water_fill`), so the walk needs only the top ``s`` and the tail sums
+  ``T_j = sum|x| - (sum of the j largest)``.
+
+  Returns:
+    ``(tau, probability, saturated, table)``: float32 ``tau``; ``probability(v, index)``
+    and ``saturated(v, index)``, functions of a column of coordinates and their indices;
+    float32 ``[s]`` the saturated values in coordinate order (0 in unused slots).
+  """
+  a = jnp.abs(x)
+  n = a.shape[0]
+  s = min(budget, n)
+  top, top_index = _top_s(a, s)
+  total = jnp.sum(a)
+  # T_j >= a_j holds for the exact sums; the subtraction may round below it.
+  tail = jnp.maximum(total - (jnp.cumsum(top) - top), top)
+  budget_eff = jnp.minimum(budget, jnp.sum(top > 0)).astype(jnp.float32)
+  position = jnp.arange(s)
+  j = jnp.argmax((budget_eff - position) * top <= tail)
+  remaining = budget_eff - j
+  tau = jnp.where(remaining > 0, tail[j] / jnp.where(remaining > 0, remaining, 1.0), 0.0)
+  safe_tau = jnp.where(tau > 0, tau, 1.0)
+  p_top = jnp.where(position < j, 1.0, jnp.minimum(top / safe_tau, 1.0))
+  p_top = jnp.where(tau > 0, p_top, 0.0)
+  # Saturated: a prefix of the sorted top entries (p is non-increasing along it).
+  count = jnp.sum((position < budget_eff) & (p_top >= 1.0))
+  last = jnp.maximum(count - 1, 0)
+  last_value, last_index = top[last], top_index[last]
+
+  def probability(v, index):
+    del index
+    return jnp.where(tau > 0, jnp.minimum(jnp.abs(v) / safe_tau, 1.0), 0.0)
+
+  def saturated(v, index):
+    m = jnp.abs(v)
+    return (count > 0) & ((m > last_value) | ((m == last_value) & (index <= last_index)))
+
+  order = jnp.argsort(jnp.where(position < count, top_index, n))  # saturated, by index
+  table = jnp.where(position < count, x[top_index[order]], 0.0)
+  return tau, probability, saturated, table
 
 
 def water_filling(magnitudes: jax.Array, budget: int) -> jax.Array:
@@ -281,29 +366,44 @@ class Atomo(base.Compressor):
                             tau=jnp.zeros((), jnp.float32), saturated=jnp.zeros(0),
                             shape=tuple(x.shape), dtype=x.dtype)
     finite = base.all_finite(flat)
-    p, tau, saturated = _water_fill(jnp.where(finite, flat, 0.0), self.budget)
-    saturated = saturated & finite
-    # u < p with u in [0, 1): never for p = 0 (zero entries), always for p = 1.
-    sent = (jax.random.uniform(key, (d,)) < p) & ~saturated
-    symbols = jnp.where(saturated, _SATURATED,
-                        jnp.where(sent, jnp.where(flat < 0, _MINUS_TAU, _PLUS_TAU), _NOT_SENT))
-    # A non-finite input: every symbol "+tau" with tau NaN, so it decodes to all NaN.
-    symbols = jnp.where(finite, symbols, _PLUS_TAU)
-    tau = base.poison(tau, finite)
     slots = min(self.budget, d)
-    slot = jnp.where(saturated, jnp.cumsum(saturated) - 1, slots)  # slots = out of range
-    table = jnp.zeros(slots, jnp.float32).at[slot].set(flat, mode="drop")
-    return AtomoEntryCode(words=bitpack.pack(symbols, _SYMBOL_BITS), tau=tau,
-                          saturated=table, shape=tuple(x.shape), dtype=x.dtype)
+    if _use_top(d, self.budget):
+      tau, probability, saturated, table = _water_fill_top(flat, self.budget)
+    else:
+      p, tau, saturated_all = _water_fill(jnp.where(finite, flat, 0.0), self.budget)
+      probability = lambda v, index: p[index]  # noqa: E731
+      saturated = lambda v, index: saturated_all[index]  # noqa: E731
+      slot = jnp.where(saturated_all, jnp.cumsum(saturated_all) - 1, slots)  # out of range
+      table = jnp.zeros(slots, jnp.float32).at[slot].set(flat, mode="drop")
+
+    def symbol(v, u16, index):
+      sat = saturated(v, index) & finite
+      # u < p with a 16-bit u (threefry.bernoulli16): never for p = 0 (zero entries),
+      # always for p = 1, within 2^-17 of p in between.
+      sent = threefry.bernoulli16(u16, probability(v, index)) & ~sat
+      out = jnp.where(sat, _SATURATED,
+                      jnp.where(sent, jnp.where(v < 0, _MINUS_TAU, _PLUS_TAU), _NOT_SENT))
+      # A non-finite input: every symbol "+tau" with tau NaN, so it decodes to all NaN.
+      return jnp.where(finite, out, _PLUS_TAU).astype(jnp.uint32)
+
+    words = threefry.pack_fields(threefry.key_words(key), flat, _SYMBOL_BITS, symbol)
+    return AtomoEntryCode(words=words, tau=base.poison(tau, finite),
+                          saturated=jnp.where(finite, table, 0.0),
+                          shape=tuple(x.shape), dtype=x.dtype)
 
   def _decode_entry(self, code):
     d = base.num_elements(code.shape)
     symbols = bitpack.unpack(code.words, _SYMBOL_BITS, d)
-    saturated = symbols == _SATURATED
-    slot = jnp.clip(jnp.cumsum(saturated) - 1, 0, code.saturated.shape[0] - 1)
     signed_tau = jnp.where(symbols == _PLUS_TAU, code.tau,
                            jnp.where(symbols == _MINUS_TAU, -code.tau, 0.0))
-    values = jnp.where(saturated, code.saturated[slot], signed_tau)
+    # The saturated atoms, in coordinate order: bit 2 k of a word of the 2-bit stream is
+    # set in (w & w >> 1) where symbol k is 3 (_SATURATED).
+    words = code.words
+    marks = words & (words >> 1) & np.uint32(0x55555555)
+    slots = code.saturated.shape[0]
+    positions, _ = _select.set_positions(marks, slots)
+    index = jnp.where(positions >= 0, positions // 2, d)  # d: dropped
+    values = signed_tau.at[index].set(code.saturated, mode="drop")
     return values.reshape(code.shape).astype(code.dtype)
 
   # --- spectral atoms ------------------------------------------------------------------

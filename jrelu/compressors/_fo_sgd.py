@@ -38,6 +38,12 @@ Choices where the paper's abstract is silent (our choice, the standard reading):
 * The dithers ``tau`` come from the encoder's private ``key`` and are not subtracted at
   the decoder (the decoder needs only the bits and ``lam``); a dither seed shared with
   the decoder would only matter for subtractive dithering, which this codec does not do.
+* Random bits: each dither is ``tau_i = lam U_i`` with ``U_i = (m + 1/2) 2^-15 - 1``, ``m`` a
+  16-bit uniform (four per Threefry-2x32 block, ``threefry``): ``U_i`` takes ``2^16`` equally
+  spaced values of ``[-1, 1)``, so ``P(q_i = +1)`` is within ``2^-17`` of ``(1 + u_i / lam) /
+  2`` and ``E[lam q_i]`` within ``2^-16 lam`` of ``clip(u_i, -lam, lam)``: at most ``2^-17``
+  of the quantization step ``2 lam``. Exact at ``|u_i| >= lam`` (saturation) and ``lam =
+  0``. The signs ``eps`` are single Threefry bits (fair and independent).
 * The signs ``eps`` are common randomness (see ``base.Compressor.bind``). Unbound, the code
   carries a uint32 seed drawn from ``key`` and ``eps`` is regenerated from
   ``jax.random.key(seed)``; bound, ``eps`` comes from the common key and is not sent.
@@ -62,6 +68,7 @@ from jrelu import _checks
 from jrelu.compressors import base
 from jrelu.compressors import bitpack
 from jrelu.compressors import hadamard
+from jrelu.compressors import threefry
 
 
 @base.code_class
@@ -138,8 +145,10 @@ def unflatten(u: jax.Array, signs: jax.Array, size: int) -> jax.Array:
 def dithered_sign(key: jax.Array, u: jax.Array, dither_range: jax.Array) -> jax.Array:
   """One-bit quantizer with uniform dither: ``sign(u + tau)``, ``tau ~ U[-lam, lam]``.
 
-  With ``lam = dither_range``: ``P(+1) = (1 + u / lam) / 2`` for ``|u| <= lam``, so
-  ``E[lam * sign(u + tau)] = u`` and ``Var[lam * sign(u + tau)] = lam^2 - u^2``; for
+  With ``lam = dither_range``: ``P(+1) = (1 + u / lam) / 2`` for ``|u| <= lam`` (to within
+  ``2^-17``: ``tau`` is ``lam`` times one of ``2^16`` equally spaced points of ``[-1, 1)``, see
+  the module docstring), so ``E[lam * sign(u + tau)] = u`` (to within ``2^-16 lam``) and
+  ``Var[lam * sign(u + tau)] = lam^2 - u^2``; for
   ``|u| > lam`` the output is always ``sign(u)`` (saturation). A tie ``u + tau == 0``
   (probability zero unless ``lam = 0``) gives ``+1``; with ``lam = 0`` the output is
   ``sign(u)`` with ``+1`` at ``u = 0``.
@@ -162,8 +171,22 @@ def dithered_sign(key: jax.Array, u: jax.Array, dither_range: jax.Array) -> jax.
     2405.11095.
   """
   u = jnp.asarray(u, jnp.float32)
-  tau = dither_range * jax.random.uniform(key, u.shape, jnp.float32, -1.0, 1.0)
-  return jnp.where(u + tau >= 0, 1.0, -1.0).astype(jnp.float32)
+  bits = threefry.unpacked_fields(threefry.key_words(key), jnp.ravel(u), 1,
+                                  _dither_fn(dither_range))
+  return (2.0 * bits.astype(jnp.float32) - 1.0).reshape(u.shape)
+
+
+def _dither_fn(dither_range):
+  """``field(u, u16, index)`` for ``threefry.pack_fields``: the bit ``u + tau >= 0`` with
+  ``tau = lam U``, ``U = (u16 + 1/2) 2^-15 - 1`` uniform on ``2^16`` points of ``[-1, 1)``."""
+  lam = jnp.asarray(dither_range, jnp.float32)
+
+  def bit(u, u16, index):
+    del index
+    dither = (u16.astype(jnp.float32) + np.float32(0.5)) * np.float32(2.0 ** -15) - 1.0
+    return (u + lam * dither >= 0).astype(jnp.uint32)
+
+  return bit
 
 
 class FOSGD(base.Compressor):
@@ -264,7 +287,16 @@ class FOSGD(base.Compressor):
         raise ValueError("an unbound fo_sgd needs the code's seed; got a code without one "
                          "(made by a bound fo_sgd: decode it with that bound codec)")
       key = jax.random.key(seed[0])
-    return jax.random.rademacher(key, (padded_size,), jnp.float32)
+    # Bit i % 32 of Threefry word i // 32 (the two words of block j are words 2 j and
+    # 2 j + 1): a fair, independent sign per coordinate.
+    num_words = -(-padded_size // 32)
+    k0, k1 = threefry.key_words(key)
+    counter = jnp.arange(-(-num_words // 2), dtype=jnp.uint32)
+    words = jnp.stack(threefry.threefry2x32(k0, k1, counter, jnp.zeros_like(counter)),
+                      axis=1).reshape(-1)
+    words = base.materialize(words[:num_words])
+    bit = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    return 1.0 - 2.0 * bit.reshape(-1)[:padded_size].astype(jnp.float32)
 
   def encode(self, key, x):
     x = jnp.asarray(x)
@@ -277,8 +309,9 @@ class FOSGD(base.Compressor):
     # ||g||_2 without overflow of the squares; NaN for a non-finite g, so it decodes to NaN.
     lam = base.l2_norm(flat) * jnp.float32(self.range_factor(padded))
     lam = base.poison(lam, base.all_finite(flat))
-    q = dithered_sign(dither_key, u, lam)
-    return FOSGDCode(words=bitpack.pack(q > 0, 1), dither_range=lam.reshape(1),
+    # The dithered signs (dithered_sign's bits), packed as they are drawn.
+    words = threefry.pack_fields(threefry.key_words(dither_key), u, 1, _dither_fn(lam))
+    return FOSGDCode(words=words, dither_range=lam.reshape(1),
                      shape=tuple(x.shape), dtype=x.dtype, seed=seed)
 
   def decode(self, code):

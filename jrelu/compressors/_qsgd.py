@@ -11,6 +11,15 @@ each coordinate becomes ``||v|| * sign(v_i) * xi_i / s`` where ``xi_i`` is ``flo
 ``E||Q(v) - v||^2 = (||v||^2 / s^2) * sum_i p_i (1 - p_i)`` with ``p_i = r_i - floor(r_i)``,
 which is at most ``min(B / s^2, sqrt(B) / s) ||v||^2`` for bucket size ``B`` (Lemma 3.1).
 
+Random bits: each coordinate's rounding draws a 16-bit uniform, four per Threefry-2x32
+block (``threefry``; one float32 uniform per coordinate cost more than the rest of the
+codec). ``P(round up)`` is ``p_i`` rounded to a multiple of ``2^-16``
+(``threefry.bernoulli16``), so ``E[xi_i] - r_i`` is at most ``2^-17`` in magnitude: a bias
+of at most ``2^-17`` of a quantization level ``||v|| / s`` per coordinate (float32
+uniforms carried ``2^-24``), and the variance formula holds to within
+``(||v||^2 / s^2) 2^-17 (1 + 2^-17)`` per coordinate. A coordinate on a level
+(``p_i = 0``) is never rounded, zeros stay zeros, and ``max|v|`` stays at level ``s``.
+
 Wire format (fixed length, the "dense" layout rather than Elias coding): per coordinate one
 symbol ``2 * level + sign`` of ``ceil(log2(2 s + 1))`` bits, packed densely into uint32
 words, plus one float32 scale per bucket. A zero bucket has scale 0 and decodes to zeros.
@@ -32,6 +41,7 @@ import numpy as np
 from jrelu import _checks
 from jrelu.compressors import base
 from jrelu.compressors import bitpack
+from jrelu.compressors import threefry
 
 NORMS = ("l2", "max")
 # The largest s: the levels are computed in float32 as floor(s |v_i| / ||v||) plus a coin,
@@ -111,11 +121,14 @@ class QSGD(base.Compressor):
       norms = jnp.max(jnp.abs(v), axis=1, initial=0.0)
     else:
       norms = base.l2_norm(v, axis=1)
-    return base.poison(norms, jnp.all(jnp.isfinite(v), axis=1))
+    # NaN or Inf in a bucket makes its sum of v * 0 NaN (see base.all_finite).
+    return base.poison(norms, jnp.isfinite(jnp.sum(v * 0, axis=1)))
 
   def quantize(self, key, x, scales):
-    signed = self._signed_levels(key, self._buckets_of(x), scales)
-    return signed.reshape(-1)[:base.num_elements(jnp.shape(x))]
+    flat = jnp.ravel(jnp.asarray(x)).astype(jnp.float32)
+    symbols = threefry.unpacked_fields(threefry.key_words(key), flat, self.symbol_bits,
+                                       self._symbol_fn(flat.shape[0], scales))
+    return _signed(symbols)
 
   def dequantize(self, levels, scales, shape, dtype):
     d = base.num_elements(shape)
@@ -124,17 +137,25 @@ class QSGD(base.Compressor):
     values = signed * (scales[:, None] / self.num_levels)
     return values.reshape(-1)[:d].reshape(shape).astype(dtype)
 
-  def _signed_levels(self, key, v, scales):
-    mag = jnp.abs(v)
+  def _symbol_fn(self, d, scales):
+    """``field(v, u16, index)`` for ``threefry.pack_fields``: the symbol ``2 level + sign``
+    of coordinates ``v``, rounded up with probability ``p_i`` to within ``2^-17``."""
+    size, count = self.buckets(d)
     safe = jnp.where(scales > 0, scales, 1.0)
-    r = jnp.minimum(mag / safe[:, None] * self.num_levels, self.num_levels)
-    # A non-finite bucket (its scale is NaN, or a shared scale is Inf) gets level 0: its
-    # NaN scale carries the news, and no NaN is cast to an integer (undefined junk).
-    r = jnp.where(jnp.isfinite(r), r, 0.0)
-    low = jnp.floor(r)
-    round_up = jax.random.uniform(key, r.shape) < (r - low)
-    level = jnp.minimum(low + round_up, self.num_levels).astype(jnp.int32)
-    return jnp.where(v < 0, -level, level)
+
+    def symbol(v, u16, index):
+      # The bucket's scale (index past d is padding: clipped to the last bucket).
+      scale = safe[0] if count == 1 else safe[jnp.minimum(index // size, count - 1)]
+      r = jnp.minimum(jnp.abs(v) / scale * self.num_levels, self.num_levels)
+      # A non-finite bucket (its scale is NaN, or a shared scale is Inf): no NaN is cast
+      # to an integer (undefined junk); its NaN scale carries the news.
+      r = jnp.where(jnp.isfinite(r), r, 0.0)
+      low = jnp.floor(r)
+      level = jnp.minimum(low + threefry.bernoulli16(u16, r - low), self.num_levels)
+      level = level.astype(jnp.uint32)
+      return 2 * level + ((v < 0) & (level > 0)).astype(jnp.uint32)
+
+    return symbol
 
   def levels(self, key, x):
     """Quantizes ``x`` without packing.
@@ -149,26 +170,33 @@ class QSGD(base.Compressor):
       ``[num_buckets]`` norms. ``x_hat = scales[:, None] * signed_levels / num_levels``.
     """
     scales = self.scales(x)
-    return self._signed_levels(key, self._buckets_of(x), scales), scales
+    d = base.num_elements(jnp.shape(x))
+    size, count = self.buckets(d)
+    signed = self.quantize(key, x, scales)
+    return jnp.pad(signed, (0, size * count - d)).reshape(count, size), scales
 
   def encode(self, key, x):
     x = jnp.asarray(x)
-    signed, scales = self.levels(key, x)
-    d = int(np.prod(x.shape))
-    signed = signed.reshape(-1)[:d]
-    symbols = 2 * jnp.abs(signed) + (signed < 0)
-    return QSGDCode(words=bitpack.pack(symbols, self.symbol_bits), scales=scales,
-                    shape=tuple(x.shape), dtype=x.dtype)
+    scales = self.scales(x)
+    flat = jnp.ravel(x).astype(jnp.float32)
+    words = threefry.pack_fields(threefry.key_words(key), flat, self.symbol_bits,
+                                 self._symbol_fn(flat.shape[0], scales))
+    return QSGDCode(words=words, scales=scales, shape=tuple(x.shape), dtype=x.dtype)
 
   def decode(self, code):
     d = base.num_elements(code.shape)
-    symbols = bitpack.unpack(code.words, self.symbol_bits, d).astype(jnp.int32)
-    signed = jnp.where(symbols & 1, -(symbols >> 1), symbols >> 1)
-    return self.dequantize(signed, code.scales, code.shape, code.dtype)
+    symbols = bitpack.unpack(code.words, self.symbol_bits, d)
+    return self.dequantize(_signed(symbols), code.scales, code.shape, code.dtype)
 
   def wire_bits(self, shape):
     d = base.num_elements(shape)
     return 32 * bitpack.packed_words(d, self.symbol_bits) + 32 * self.buckets(d)[1]
+
+
+def _signed(symbols):
+  """int32 signed levels of the symbols ``2 level + sign`` (uint32)."""
+  level = (symbols >> 1).astype(jnp.int32)
+  return jnp.where((symbols & 1) == 1, -level, level)
 
 
 def qsgd(num_levels: int, bucket_size: int | None = None, norm: str = "max") -> QSGD:

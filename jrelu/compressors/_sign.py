@@ -10,7 +10,8 @@ signSGD density, in ``[1/d, 1]``.
 Sign and tie rule: one bit has no symbol for zero (bit 0 = positive, bit 1 = negative;
 the bit is read from the IEEE sign bit, so negative subnormals stay negative). An exact
 zero (``+0.0`` or ``-0.0``) gets a fair coin flip drawn from the key: ``sign(0)`` is
-``+1`` or ``-1`` with probability 1/2 each. Neither paper fixes a convention at 0. The coin
+``+1`` or ``-1`` with probability 1/2 each (one bit of Threefry-2x32 output per coordinate,
+32 coins per word, ``threefry``). Neither paper fixes a convention at 0. The coin
 matters for majority vote with an even number of workers: a tied vote (mean of the
 decoded signs exactly 0) is re-encoded as a coin flip, i.e. ties are broken at random by
 the device that owns the chunk. A fixed ``sign(0) = +1`` would push every tied coordinate
@@ -40,6 +41,7 @@ import numpy as np
 
 from jrelu.compressors import base
 from jrelu.compressors import bitpack
+from jrelu.compressors import threefry
 
 SIGN_BITS = 1
 
@@ -52,6 +54,25 @@ def _sign_and_magnitude_bits(x):
   bits = jax.lax.bitcast_convert_type(x, uint)
   sign_bit = uint(1 << (width - 1))
   return (bits & sign_bit) != 0, (bits & ~sign_bit) != 0
+
+
+def _sign_words(rows, coins):
+  """uint32 ``[W]``: bit ``k`` of word ``w`` is 1 where ``rows[w, k] < 0`` (IEEE sign bit),
+  and the coin ``coins[w]`` bit ``k`` where ``rows[w, k]`` is an exact zero."""
+  sign_bit, nonzero = _sign_and_magnitude_bits(rows)
+  coin = (coins[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+  bits = jnp.where(nonzero, sign_bit.astype(jnp.uint32), coin)
+  return jnp.sum(bits << jnp.arange(32, dtype=jnp.uint32), axis=1, dtype=jnp.uint32)
+
+
+def _coin_words(key, num_words: int) -> jax.Array:
+  """uint32 ``[num_words]`` of fair coins, 32 per word: the two words of Threefry block
+  ``j`` (``threefry``) are coin words ``2 j`` and ``2 j + 1``, written to memory once."""
+  blocks = -(-num_words // 2)
+  k0, k1 = threefry.key_words(key)
+  counter = jnp.arange(blocks, dtype=jnp.uint32)
+  y0, y1 = threefry.threefry2x32(k0, k1, counter, jnp.zeros_like(counter))
+  return base.materialize(jnp.stack([y0, y1], axis=1).reshape(-1)[:num_words])
 
 
 @base.code_class
@@ -130,21 +151,28 @@ class Sign(base.Compressor):
     """
     x = jnp.asarray(x)
     flat = jnp.ravel(x)
-    coin = jax.random.bernoulli(key, 0.5, flat.shape)
-    sign_bit, nonzero = _sign_and_magnitude_bits(flat)
-    negative = jnp.where(nonzero, sign_bit, coin)
-    finite = base.all_finite(flat)
+    d = flat.shape[0]
     scale = None
     if self.scaled:
       # mean(|x|) = ||x||_1 / d in float32, summed without overflow; NaN or Inf in x
       # makes it non-finite, which decodes to non-finite values.
-      scale = (base.mean_abs(flat) if flat.shape[0] else jnp.zeros(())).reshape(1)
-      bits = negative
-    else:
-      # The flag bit after the d sign bits: set when x holds NaN or Inf (the IEEE sign
-      # bit of a NaN is meaningless, and a vote would hide it), decoded to all NaN.
-      bits = jnp.concatenate([negative, (~finite).reshape(1)])
-    words = bitpack.pack(bits.astype(jnp.uint32), SIGN_BITS)
+      scale = (base.mean_abs(flat) if d else jnp.zeros(())).reshape(1)
+    num_words = bitpack.packed_words(self._num_bits(d), SIGN_BITS)
+    coins = _coin_words(key, num_words)
+    # A row of 32 coordinates per word (stream bit i is bit i % 32 of word i // 32): the
+    # full rows read x in place, the last partial row (if any) is padded with 1 (positive,
+    # nonzero: bit 0).
+    full = d // 32
+    parts = [_sign_words(flat[:32 * full].reshape(full, 32), coins[:full])]
+    if num_words > full:
+      tail = jnp.pad(flat[32 * full:], (0, 32 * (full + 1) - d), constant_values=1)
+      last = _sign_words(tail.reshape(1, 32), coins[full:full + 1])
+      if not self.scaled:
+        # The flag bit after the d sign bits: set when x holds NaN or Inf (the IEEE sign
+        # bit of a NaN is meaningless, and a vote would hide it), decoded to all NaN.
+        last = last | ((~base.all_finite(flat)).astype(jnp.uint32) << np.uint32(d % 32))
+      parts.append(last)
+    words = base.materialize(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
     return SignCode(words=words, scale=scale, shape=tuple(x.shape), dtype=x.dtype)
 
   def decode(self, code):

@@ -10,6 +10,12 @@ For an array ``g`` (flattened, ``d`` entries) with scaler ``s``, each coordinate
 ``P(t_k != 0) = |g_k| / s``, ``E[s t_k] = g_k`` and ``Var(s t_k) = |g_k| (s - |g_k|)`` whenever
 ``|g_k| <= s``.
 
+Random bits: ``b_k`` compares a 16-bit uniform (four per Threefry-2x32 block,
+``threefry``) with ``|g_k| / s``, so ``P(b_k = 1)`` is ``|g_k| / s`` rounded to a multiple of
+``2^-16`` (``threefry.bernoulli16``): a bias of at most ``2^-17 s`` (``2^-17`` of the level
+``s``) per coordinate, and ``Var(s t_k)`` within ``2^-17 s^2`` of ``|g_k| (s - |g_k|)``.
+Zeros and coordinates at ``+-s`` are exact.
+
 * Without clipping (``clip_factor=None``): ``s = max_k |g_k|`` (layer-wise: one scaler per
   encoded array) and the codec is unbiased.
 * With ``clip_factor = c``: ``sigma`` is the standard deviation of the array's entries
@@ -47,6 +53,7 @@ import numpy as np
 from jrelu import _checks
 from jrelu.compressors import base
 from jrelu.compressors import bitpack
+from jrelu.compressors import threefry
 
 SYMBOL_BITS = 2  # t + 1 in {0, 1, 2}
 
@@ -137,7 +144,7 @@ class TernGrad(base.Compressor):
     """Ternary levels of ``x`` under the given scaler.
 
     Args:
-      key: a PRNG key (one uniform draw per coordinate).
+      key: a PRNG key (a 16-bit uniform per coordinate, four per Threefry block).
       x: float32 or bfloat16 array of any shape, ``d`` elements.
       scales: float32 ``[1]``, the scaler ``s``; may exceed this device's own (a shared
         ``pmax``). Coordinates are clipped to ``[-s, s]`` first, which is a no-op without
@@ -145,17 +152,12 @@ class TernGrad(base.Compressor):
 
     Returns:
       int32 ``[d]`` levels ``t_k`` in ``{-1, 0, 1}`` with ``P(t_k != 0) = |x_k| / s`` (after
-      clipping); all zero when ``s = 0``.
+      clipping) to within ``2^-17``; all zero when ``s = 0``.
     """
     flat = jnp.ravel(jnp.asarray(x)).astype(jnp.float32)
-    s = scales[0]
-    mag = jnp.minimum(jnp.abs(flat), s)
-    prob = mag / jnp.where(s > 0, s, 1.0)  # s = 0 forces mag = 0, so prob = 0: no NaN
-    # A NaN scaler (non-finite input) or an Inf shared one: levels 0, the scaler carries it.
-    prob = jnp.where(jnp.isfinite(prob), prob, 0.0)
-    fire = jax.random.uniform(key, flat.shape) < prob  # P(u < p) = p for u ~ U[0, 1)
-    level = fire.astype(jnp.int32)
-    return jnp.where(flat < 0, -level, level)
+    symbols = threefry.unpacked_fields(threefry.key_words(key), flat, SYMBOL_BITS,
+                                       _symbol_fn(scales))
+    return symbols.astype(jnp.int32) - 1
 
   def dequantize(self, levels, scales, shape, dtype):
     """``scales[0] * levels`` reshaped to ``shape`` and cast to ``dtype``.
@@ -186,8 +188,9 @@ class TernGrad(base.Compressor):
     """
     x = jnp.asarray(x)
     scale = self.scales(x)
-    levels = self.quantize(key, x, scale)
-    words = bitpack.pack(levels + 1, SYMBOL_BITS)
+    flat = jnp.ravel(x).astype(jnp.float32)
+    words = threefry.pack_fields(threefry.key_words(key), flat, SYMBOL_BITS,
+                                 _symbol_fn(scale))
     return TernGradCode(words=words, scale=scale, shape=tuple(x.shape), dtype=x.dtype)
 
   def decode(self, code):
@@ -198,6 +201,24 @@ class TernGrad(base.Compressor):
 
   def wire_bits(self, shape):
     return 32 * bitpack.packed_words(base.num_elements(shape), SYMBOL_BITS) + 32
+
+
+def _symbol_fn(scales):
+  """``field(v, u16, index)`` for ``threefry.pack_fields``: the symbol ``t + 1`` of each
+  coordinate ``v`` under the scaler ``scales[0]``, ``t`` nonzero with probability
+  ``min(|v|, s) / s`` to within ``2^-17`` (``threefry.bernoulli16``)."""
+  s = scales[0]
+  safe = jnp.where(s > 0, s, 1.0)  # s = 0 forces mag = 0, so prob = 0: no NaN
+
+  def symbol(v, u16, index):
+    del index
+    prob = jnp.minimum(jnp.abs(v), s) / safe
+    # A NaN scaler (non-finite input) or an Inf shared one: level 0, the scaler carries it.
+    prob = jnp.where(jnp.isfinite(prob), prob, 0.0)
+    fire = threefry.bernoulli16(u16, prob)
+    return jnp.where(fire, jnp.where(v < 0, 0, 2), 1).astype(jnp.uint32)
+
+  return symbol
 
 
 def terngrad(clip_factor: float | None = None) -> TernGrad:

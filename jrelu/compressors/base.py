@@ -82,11 +82,50 @@ def all_finite(x: jax.Array) -> jax.Array:
   Codecs use it to make a non-finite input visible in their code (see
   :func:`poison`): a NaN or Inf on one device must never be averaged or voted away.
 
+  Computed as ``sum(x * 0)``, which is ``+-0`` when every entry is finite and NaN as soon
+  as one is NaN or Inf (``Inf * 0`` is NaN), and cannot overflow: on XLA CPU a float sum
+  of an elementwise expression is one fused pass over ``x`` (a boolean reduction of
+  ``isfinite`` writes a mask of ``x``'s size first, and a ``max`` is not used because
+  XLA CPU's fused ``max`` may drop NaN operands of large arrays).
+
   Example:
     >>> bool(all_finite(jnp.array([1.0, jnp.inf])))
     False
   """
-  return jnp.all(jnp.isfinite(x))
+  return jnp.isfinite(jnp.sum(jnp.asarray(x, jnp.float32) * 0))
+
+
+def materialize(x: jax.Array) -> jax.Array:
+  """``x`` unchanged, but computed once and written to memory, not fused into its users.
+
+  A codec computes its packed words in one loop over the words; its decoder reads each
+  word once per field. When both are in one program (a round trip, a kernel benchmark,
+  ``transforms.compress`` without a device axis) XLA on CPU would fuse the words into
+  the decoder's loop and compute every word, random draws included, once per field (8
+  to 32 times). ``jax.lax.optimization_barrier`` does not prevent that (XLA CPU removes
+  barriers before fusion); a scatter does: XLA never fuses a scatter into its users, and
+  a scatter of a few elements is done in place. The scatter here is ``x[0] = max(x[0],
+  lowest)``, twice (with a single index XLA rewrites it into a fusible
+  dynamic-update-slice), which changes no value (NaN included).
+
+  Args:
+    x: a 1-D array.
+
+  Returns:
+    ``x``.
+
+  Example:
+    >>> materialize(jnp.arange(3, dtype=jnp.uint32))
+    Array([0, 1, 2], dtype=uint32)
+  """
+  x = jnp.asarray(x)
+  if x.ndim != 1 or x.shape[0] == 0:
+    return x
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    lowest = -jnp.inf
+  else:
+    lowest = jnp.iinfo(x.dtype).min
+  return x.at[jnp.zeros(2, jnp.int32)].max(jnp.asarray(lowest, x.dtype))
 
 
 def poison(values: jax.Array, finite: jax.Array) -> jax.Array:

@@ -6,6 +6,15 @@ value ``i`` occupies stream bits ``[i * bits, (i + 1) * bits)`` and stream bit `
 the packing is a shift-and-or over a ``[words, 32 // bits]`` view; otherwise the values are
 first expanded to single bits. Either way ``ceil(num_values * bits / 32)`` words carry
 exactly the payload, with at most 31 bits of zero padding in the last word.
+
+A codec that draws random bits for its fields (QSGD, TernGrad, ATOMO, FO-SGD) computes
+them a row at a time (``threefry.pack_fields``): it cuts its input into :func:`columns`
+and computes each row as one uint32, field ``k`` in bits ``[k bits, (k + 1) bits)``, with
+a Threefry block per four fields. When ``bits`` divides 32 a row is a word (``32 / bits``
+fields), so XLA fuses the draws, the fields and the packing into one loop that reads the
+input once and writes only the words; otherwise a row holds :func:`row_size` fields and
+the rows are packed as wider values by :func:`pack_rows`. Either way the words are those
+of :func:`pack` of the fields.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jrelu import _checks
+from jrelu.compressors import base
 
 WORD_BITS = 32
 
@@ -80,6 +90,70 @@ def pack(values, bits: int):
   shifts = jnp.arange(per_word, dtype=jnp.uint32) * bits
   # Fields occupy disjoint bits, so the sum is the bitwise or.
   return jnp.sum(values << shifts, axis=1, dtype=jnp.uint32)
+
+
+def columns(values, group: int) -> list:
+  """The columns of ``values`` cut into rows of ``group``: column ``k`` is
+  ``values[k::group]``, zero padded to ``ceil(n / group)`` rows.
+
+  Args:
+    values: array ``[n]``.
+    group: values per row (e.g. :func:`row_size`).
+
+  Returns:
+    A list of ``group`` arrays ``[ceil(n / group)]`` of ``values``' dtype.
+
+  Example:
+    >>> columns(jnp.arange(5), 2)
+    [Array([0, 2, 4], dtype=int32), Array([1, 3, 0], dtype=int32)]
+  """
+  values = jnp.asarray(values)
+  n = values.shape[0]
+  rows = -(-n // group)
+  view = jnp.pad(values, (0, rows * group - n)).reshape(rows, group)
+  return [view[:, k] for k in range(group)]
+
+
+def row_size(bits: int) -> int:
+  """Fields per row of :func:`pack_rows`: the largest of 4, 2, 1 whose fields fit one word.
+
+  Four is what one Threefry block's 64 bits give in 16-bit uniforms (``threefry``).
+
+  Example:
+    >>> row_size(4), row_size(12), row_size(26)
+    (4, 2, 1)
+  """
+  bits = _check_bits(bits)
+  return next(m for m in (4, 2, 1) if m * bits <= WORD_BITS)
+
+
+def pack_rows(rows, bits: int, row: int, num_values: int):
+  """:func:`pack` of ``num_values`` fields given as rows of ``row`` fields each.
+
+  Field ``k`` of ``rows[r]`` (bits ``[k bits, (k + 1) bits)``) is value ``r * row + k`` of
+  the stream; fields past ``num_values`` must be 0. In the stream, a row is one value of
+  ``row * bits`` bits, so this is ``pack(rows, row * bits)`` cut to
+  ``packed_words(num_values, bits)`` words. When ``row * bits`` does not divide 32 the
+  rows are written to memory once first: ``pack`` would otherwise compute each row once
+  per bit (a row holds a codec's random draws, which are not cheap to repeat).
+
+  Args:
+    rows: uint32 ``[ceil(num_values / row)]``.
+    bits: field width, ``row * bits <= 32``.
+    row: fields per row.
+    num_values: number of fields.
+
+  Returns:
+    uint32 ``[packed_words(num_values, bits)]``, the same words as ``pack`` of the fields.
+
+  Example:
+    >>> pack_rows(jnp.array([1 + (2 << 2) + (3 << 4)], jnp.uint32), 2, 4, 3)   # 1, 2, 3
+    Array([57], dtype=uint32)
+  """
+  width = row * _check_bits(bits)
+  if WORD_BITS % width:
+    rows = base.materialize(rows)
+  return pack(rows, width)[:packed_words(num_values, bits)]
 
 
 def unpack(words, bits: int, num_values: int):

@@ -1,0 +1,242 @@
+"""Random bits for the codecs, computed inside their fused loops: Threefry-2x32, inlined.
+
+A stochastic codec needs a few random bits per coordinate: a coin for signSGD's exact
+zeros (1 bit), a rounding decision for QSGD and TernGrad, a dither for FO-SGD. On XLA CPU,
+``jax.random.bits`` lowers Threefry-2x32 to a loop of five iterations over whole arrays
+(every iteration writes and reads arrays of the full size) and spends one 64-bit Threefry
+block per 32-bit word: about 32 M words per second on one core, which made drawing one
+uniform per coordinate most of the cost of QSGD, TernGrad and sign at d = 1e7.
+
+This module evaluates the same function, Threefry-2x32 with 20 rounds (Salmon, Moraes,
+Dror, Shaw, "Parallel random numbers: as easy as 1, 2, 3", SC 2011), the block function
+behind ``jax.random``'s default key, written out round by round in ``jax.numpy``: XLA
+fuses it into the loop that consumes the bits, and each block's 64 bits are split into
+four 16-bit uniforms (or two 32-bit words) instead of being folded into one word. Its
+output is bit-identical to ``jax.extend.random.threefry2x32_p`` (tested), so the bits
+are as good as ``jax.random``'s: only the counters and the split differ.
+
+Counters: a codec that works on ``rows`` rows of ``group`` coordinates (see
+``bitpack.columns``) uses block ``(row, j)`` for its ``j``-th four columns; every
+``(row, j)`` is a distinct counter, so every 16-bit lane of a call is a fresh uniform.
+The 64-bit Threefry key comes from the codec's JAX key through ``jax.random.bits(key,
+(2,))`` (:func:`key_words`), so any key implementation works and the stream of a key is
+independent of the streams of its splits and fold-ins, as for any ``jax.random`` draw.
+
+Sixteen bits per decision: ``u = (m + 1/2) 2^-16`` with ``m`` uniform on ``{0, ...,
+2^16 - 1}`` takes ``2^16`` equally likely values, and ``P(u < p)`` is ``p`` rounded to
+the nearest multiple of ``2^-16`` (:func:`bernoulli16`), within ``2^-17`` of ``p`` for
+every ``p`` in ``[0, 1]``; it is exactly 0 for ``p = 0`` and exactly 1 for ``p = 1``.
+A codec that rounds up with probability ``p`` therefore has a bias of at most ``2^-17``
+of the step it rounds by (float32 uniforms, ``jax.random.uniform``, carry ``2^-24``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jrelu.compressors import base
+from jrelu.compressors import bitpack
+
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_PARITY = np.uint32(0x1BD11BDA)
+LANE_BITS = 16
+LANES_PER_BLOCK = 4  # 64 bits per Threefry-2x32 block, 16 per uniform
+
+
+def key_words(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The 64-bit Threefry key of a codec's JAX key: two uint32 scalars.
+
+  Args:
+    key: a typed PRNG key (any implementation) or a raw ``uint32[2]`` key.
+
+  Returns:
+    ``(k0, k1)``, uint32 scalars: ``jax.random.bits(key, (2,), uint32)``.
+
+  Example:
+    >>> k0, k1 = key_words(jax.random.key(0))
+  """
+  words = jax.random.bits(key, (2,), jnp.uint32)
+  return words[0], words[1]
+
+
+def _rotate_left(x, r):
+  return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
+
+
+def threefry2x32(k0, k1, x0, x1):
+  """The Threefry-2x32 block function with 20 rounds, written out so that XLA fuses it.
+
+  Args:
+    k0, k1: uint32 key words (scalars or arrays that broadcast with the counters).
+    x0, x1: uint32 counter words (arrays of one shape, or broadcastable).
+
+  Returns:
+    ``(y0, y1)``, uint32: the same values as ``jax.extend.random.threefry2x32_p``.
+
+  Example:
+    >>> y0, y1 = threefry2x32(jnp.uint32(0), jnp.uint32(0), jnp.arange(4, dtype=jnp.uint32),
+    ...                       jnp.zeros(4, jnp.uint32))
+
+  References:
+    Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy as 1, 2, 3", SC 2011.
+  """
+  k0 = jnp.asarray(k0, jnp.uint32)
+  k1 = jnp.asarray(k1, jnp.uint32)
+  keys = (k0, k1, k0 ^ k1 ^ _PARITY)
+  x0 = jnp.asarray(x0, jnp.uint32) + keys[0]
+  x1 = jnp.asarray(x1, jnp.uint32) + keys[1]
+  for i in range(5):
+    for r in _ROTATIONS[i % 2]:
+      x0 = x0 + x1
+      x1 = _rotate_left(x1, r) ^ x0
+    x0 = x0 + keys[(i + 1) % 3]
+    x1 = x1 + keys[(i + 2) % 3] + np.uint32(i + 1)
+  return x0, x1
+
+
+def _lanes(y0, y1):
+  """The four 16-bit lanes of a block's two words."""
+  mask = np.uint32(0xFFFF)
+  return [y0 & mask, y0 >> np.uint32(16), y1 & mask, y1 >> np.uint32(16)]
+
+
+def uniform16_columns(key_pair, rows: int, count: int) -> list[jax.Array]:
+  """``count`` columns of independent 16-bit uniforms, each uint32 ``[rows]`` in ``[0, 2^16)``.
+
+  Column ``c`` of row ``r`` is lane ``c % 4`` of block ``(r, c // 4)``: one Threefry block
+  per four columns, computed once per row inside the consumer's loop.
+
+  Args:
+    key_pair: ``(k0, k1)`` from :func:`key_words`.
+    rows: number of rows.
+    count: number of columns.
+
+  Returns:
+    A list of ``count`` uint32 arrays ``[rows]``.
+  """
+  k0, k1 = key_pair
+  row = jax.lax.iota(jnp.uint32, rows)
+  out = []
+  for j in range(-(-count // LANES_PER_BLOCK)):
+    out += _lanes(*threefry2x32(k0, k1, row, jnp.full((rows,), j, jnp.uint32)))
+  return out[:count]
+
+
+def word_columns(key_pair, rows: int, count: int) -> list[jax.Array]:
+  """``count`` columns of independent uniform 32-bit words, each uint32 ``[rows]``.
+
+  Column ``c`` of row ``r`` is word ``c % 2`` of block ``(r, c // 2)``.
+
+  Args:
+    key_pair: ``(k0, k1)`` from :func:`key_words`.
+    rows: number of rows.
+    count: number of columns.
+
+  Returns:
+    A list of ``count`` uint32 arrays ``[rows]``.
+  """
+  k0, k1 = key_pair
+  row = jax.lax.iota(jnp.uint32, rows)
+  out = []
+  for j in range(-(-count // 2)):
+    out += list(threefry2x32(k0, k1, row, jnp.full((rows,), j, jnp.uint32)))
+  return out[:count]
+
+
+def bernoulli16(u16: jax.Array, p: jax.Array) -> jax.Array:
+  """``u < p`` with ``u = (u16 + 1/2) 2^-16``: True with probability ``p`` to within ``2^-17``.
+
+  Exact arithmetic in float32 (``u16 + 1/2`` has 17 significant bits, the scaling is a
+  power of two). For ``u16`` uniform on ``{0, ..., 2^16 - 1}``, ``P(True)`` is
+  ``round(p 2^16) / 2^16`` (ties to the lower count): 0 for ``p <= 2^-17``, 1 for
+  ``p > 1 - 2^-17``, and ``|P(True) - p| <= 2^-17`` for every ``p`` in ``[0, 1]``.
+
+  Args:
+    u16: uint32 array of values in ``[0, 2^16)``.
+    p: float32 probabilities (NaN gives False).
+
+  Returns:
+    bool array of the broadcast shape.
+  """
+  u = (u16.astype(jnp.float32) + np.float32(0.5)) * np.float32(2.0 ** -LANE_BITS)
+  return u < p
+
+
+# Above this many Threefry blocks per row, a row's uniforms are drawn in a loop of their
+# own and written to memory (2 bytes per coordinate) before the fields are computed:
+# inlining 8 blocks per row (32 one-bit fields) makes programs slow to compile.
+MAX_INLINE_BLOCKS = 4
+
+
+def _row_layout(bits: int) -> tuple[int, bool]:
+  """``(fields per row, aligned)``: a row is one word when ``bits`` divides 32 (aligned),
+  else ``bitpack.row_size(bits)`` fields that are packed as one wider value."""
+  if 32 % bits == 0:
+    return 32 // bits, True
+  return bitpack.row_size(bits), False
+
+
+def _rows(key_pair, values, bits: int, field):
+  """The rows of :func:`pack_fields`: uint32 ``[rows]``, field ``k`` of row ``r`` in bits
+  ``[k bits, (k + 1) bits)``, the field of value ``r m + k`` (0 past the end)."""
+  values = jnp.asarray(values)
+  n = values.shape[0]
+  per_row, _ = _row_layout(bits)
+  rows = -(-n // per_row)
+  blocks = -(-per_row // LANES_PER_BLOCK)
+  if blocks <= MAX_INLINE_BLOCKS:
+    uniforms = uniform16_columns(key_pair, rows, per_row)
+  else:  # drawn by one loop over all blocks, written once, read by the field loop
+    counter = jax.lax.iota(jnp.uint32, rows * blocks)
+    y0, y1 = threefry2x32(key_pair[0], key_pair[1], counter, jnp.zeros_like(counter))
+    y0, y1 = base.materialize(y0), base.materialize(y1)
+    y0, y1 = y0.reshape(rows, blocks), y1.reshape(rows, blocks)
+    uniforms = []
+    for j in range(blocks):
+      uniforms += _lanes(y0[:, j], y1[:, j])
+  position = jax.lax.iota(jnp.int32, rows) * per_row
+  out = None
+  for k, v in enumerate(bitpack.columns(values, per_row)):
+    f = field(v, uniforms[k], position + k)
+    if n % per_row:
+      f = jnp.where(position + k < n, f, 0)
+    f = f << (k * bits) if k else f
+    out = f if out is None else out | f
+  return out
+
+
+def pack_fields(key_pair, values, bits: int, field) -> jax.Array:
+  """``bitpack.pack`` of ``field(v, u, i)`` of every value, each with a fresh uniform.
+
+  Value ``i`` of ``values`` gets a 16-bit uniform ``u`` of its own (lane ``k % 4`` of
+  Threefry block ``(r, k // 4)``, the value being field ``k`` of row ``r``); the fields are
+  computed a row at a time and packed in the same loop (see ``bitpack``), so neither the
+  uniforms nor the fields are written to memory when ``bits`` divides 32.
+
+  Args:
+    key_pair: ``(k0, k1)`` from :func:`key_words`.
+    values: array ``[n]``.
+    bits: field width, 1 to 32.
+    field: ``field(v, u16, index)`` on arrays ``[rows]`` of a column of ``values``, its
+      uint32 uniforms in ``[0, 2^16)`` and its int32 positions in ``values``; returns
+      uint32 fields below ``2**bits`` (values past ``n`` are zero padding, and their
+      fields are replaced by 0).
+
+  Returns:
+    uint32 ``[bitpack.packed_words(n, bits)]``.
+  """
+  n = jnp.shape(values)[0]
+  per_row, aligned = _row_layout(bits)
+  rows = _rows(key_pair, values, bits, field)
+  if not aligned:
+    rows = bitpack.pack_rows(rows, bits, per_row, n)
+  # Computed once, in this loop (see base.materialize).
+  return base.materialize(rows)
+
+
+def unpacked_fields(key_pair, values, bits: int, field) -> jax.Array:
+  """The fields of :func:`pack_fields` (same key, same uniforms), uint32 ``[n]``."""
+  n = jnp.shape(values)[0]
+  return bitpack.unpack(pack_fields(key_pair, values, bits, field), bits, n)
