@@ -21,15 +21,44 @@ import helpers
 
 def test_threefry_is_jax_block_function():
   # Bit-identical to the primitive behind jax.random's default key, on random keys and
-  # counters (the inlined rounds change where XLA computes it, not what).
+  # counters, below INLINE_MIN_BLOCKS (the primitive bound) and at it (the rounds written
+  # out: they change where XLA computes the function, not what).
   rng = np.random.default_rng(0)
-  k = rng.integers(0, 2**32, 2, dtype=np.uint32)
-  x = rng.integers(0, 2**32, (2, 500), dtype=np.uint32)
-  expected = threefry2x32_p.bind(jnp.uint32(k[0]), jnp.uint32(k[1]), jnp.asarray(x[0]),
-                                 jnp.asarray(x[1]))
-  got = jax.jit(threefry.threefry2x32)(k[0], k[1], x[0], x[1])
-  for e, g in zip(expected, got):
-    np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
+  for size in (500, threefry.INLINE_MIN_BLOCKS):
+    k = rng.integers(0, 2**32, 2, dtype=np.uint32)
+    x = rng.integers(0, 2**32, (2, size), dtype=np.uint32)
+    expected = threefry2x32_p.bind(jnp.uint32(k[0]), jnp.uint32(k[1]), jnp.asarray(x[0]),
+                                   jnp.asarray(x[1]))
+    got = jax.jit(threefry.threefry2x32)(k[0], k[1], x[0], x[1])
+    for e, g in zip(expected, got):
+      np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
+
+
+def test_rows_at_once_and_by_column_are_the_same_words():
+  # pack_fields computes aligned fields of small inputs on a [rows, per_row] view, and
+  # large inputs one column at a time: the same uniforms and fields, the same words.
+  # Widths 1 (8 blocks a row: the separately drawn uniforms) to 32, full and partial rows.
+  key_pair = threefry.key_words(jax.random.key(2))
+  cases = [(1, 33), (1, 96), (2, 37), (4, 40), (8, 13), (16, 6), (32, 3)]
+
+  def field_of(bits):
+    def field(v, u16, index):
+      mask = np.uint32((1 << bits) - 1)
+      return (v.astype(jnp.uint32) * np.uint32(40503) + u16 + index.astype(jnp.uint32)) & mask
+    return field
+
+  @jax.jit
+  def run():
+    out = []
+    for bits, n in cases:
+      values = jnp.arange(n, dtype=jnp.float32) * 3
+      out.append((threefry._rows_at_once(key_pair, values, bits, field_of(bits)),
+                  threefry._rows_by_column(key_pair, values, bits, field_of(bits))))
+    return out
+
+  for (bits, n), (at_once, by_column) in zip(cases, run()):
+    assert at_once.shape == by_column.shape == (-(-n // (32 // bits)),), (bits, n)
+    np.testing.assert_array_equal(np.asarray(at_once), np.asarray(by_column))
 
 
 def test_bernoulli16_is_p_rounded_to_sixteen_bits():
