@@ -45,6 +45,7 @@ def test_tiny_run_prints_one_json_line_with_every_section(tmp_path):
               "runtime_seconds", "section_seconds"):
     assert key in out, key
   assert out["benchmark"] == "step_throughput"
+  assert out["keeps_freed_memory"] is True  # the flag's default, applied (glibc's mallopt)
   assert out["torch"] == {"skipped": "--skip_torch"} and out["ratios"] == []
   assert out["roofline"]["seconds"] > 0 and out["roofline"]["array_bytes"] >= out["llc_bytes"]
 

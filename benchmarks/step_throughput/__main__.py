@@ -98,6 +98,11 @@ def define_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_list(
       "network_compressors", None, "Registry names of the network section (default: all; "
       "the float32 psum row always runs).", flag_values=fv)
+  flags.DEFINE_bool(
+      "keep_freed_memory", True, "Let malloc keep freed blocks of up to 1 GiB for reuse "
+      "(benchmarks.common.keep_freed_memory), so that a call on a large array does not "
+      "fault in fresh pages for its outputs; --nokeep_freed_memory keeps glibc's default.",
+      flag_values=fv)
   flags.DEFINE_integer("scale_dim", 1_000_000, "d of the scale section.", lower_bound=1,
                        flag_values=fv)
   flags.DEFINE_integer(
@@ -204,6 +209,8 @@ def main(argv):
   """absl main: flags -> settings -> :func:`benchmark.run` (or the scale child); one JSON line."""
   del argv
   s = settings_from_flags(flags.FLAGS)
+  if flags.FLAGS.keep_freed_memory:
+    common.keep_freed_memory()
   common.make_outdir(s.outdir)
   devices = common.setup_devices(s.num_devices)
   if list(s.sections) == ["scale"]:  # the child of scale.scale_in_subprocess (or a direct call)
