@@ -212,7 +212,7 @@ def _row_layout(bits: int) -> tuple[int, bool]:
 # From this many values on, :func:`_rows` computes a row's fields one column at a time,
 # each column a copy of the field function in the program: the fastest loop at scale
 # (QSGD encode + decode at d = 1e7 ran 2.2x faster than the [rows, per_row] form on the
-# 2-core development VM), but a program 2 to 3.6x larger, slower to compile by as much.
+# 2-core development VM), but a program 1.6 to 3.6x larger and slower to compile.
 # Below it, aligned fields are computed on a [rows, per_row] view at once. Both give the
 # same words, bit for bit (tested).
 UNROLL_MIN_VALUES = 1 << 16
