@@ -155,27 +155,6 @@ def uniform16_columns(key_pair, rows: int, count: int) -> list[jax.Array]:
   return out[:count]
 
 
-def word_columns(key_pair, rows: int, count: int) -> list[jax.Array]:
-  """``count`` columns of independent uniform 32-bit words, each uint32 ``[rows]``.
-
-  Column ``c`` of row ``r`` is word ``c % 2`` of block ``(r, c // 2)``.
-
-  Args:
-    key_pair: ``(k0, k1)`` from :func:`key_words`.
-    rows: number of rows.
-    count: number of columns.
-
-  Returns:
-    A list of ``count`` uint32 arrays ``[rows]``.
-  """
-  k0, k1 = key_pair
-  row = jax.lax.iota(jnp.uint32, rows)
-  out = []
-  for j in range(-(-count // 2)):
-    out += list(threefry2x32(k0, k1, row, jnp.full((rows,), j, jnp.uint32)))
-  return out[:count]
-
-
 def bernoulli16(u16: jax.Array, p: jax.Array) -> jax.Array:
   """``u < p`` with ``u = (u16 + 1/2) 2^-16``: True with probability ``p`` to within ``2^-17``.
 
