@@ -522,13 +522,38 @@ def test_top_k_without_sorting_is_lax_top_k():
   k = 300
   rng = np.random.default_rng(7)
   generic = np.abs(rng.standard_normal(LARGE))
-  hidden = np.zeros(LARGE)
-  hidden[1 + 2 * rng.choice(LARGE // 2 - 1, k, replace=False)] = 1.0 + rng.random(k)
-  assert (LARGE // _top_k.SAMPLE) % 2 == 0  # the sample reads even positions only
-  rows = np.stack([generic, np.round(4 * generic) / 4, np.sort(generic), hidden])
+  hidden = np.zeros(LARGE)  # more large entries than the candidates' slots
+  hidden[1 + 2 * rng.choice(LARGE // 2 - 1, 4 * k, replace=False)] = 1.0 + rng.random(4 * k)
+  assert _top_k.sample_stride(LARGE) % 2 == 0  # the sample reads even positions only
+  # Sparse: 200 nonzeros, about 100 of them sampled, fewer than the sample rank the
+  # threshold is read at (150 expected + 5 sd), so the threshold is 0 and the zeros of
+  # lowest index fill the last 100 places, from the candidates (no fallback).
+  sparse = np.zeros(LARGE)
+  sparse[rng.choice(LARGE, 200, replace=False)] = 1.0 + rng.random(200)
+  rows = np.stack([generic, np.round(4 * generic) / 4, np.sort(generic), hidden, sparse])
   a = jnp.asarray(rows, jnp.float32)
-  got = jax.jit(jax.vmap(lambda v: _top_k.top_indices(v, k)))(a)
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.lax.top_k(a, k)[1]))
+  program = jax.jit(jax.vmap(lambda v: (_top_k.top_indices(v, k), _top_k.candidates(v, k))))
+  got, (fast, missed) = program(a)
+  expected = np.asarray(jax.lax.top_k(a, k)[1])
+  np.testing.assert_array_equal(np.asarray(got), expected)
+  assert np.asarray(missed).tolist() == [False, False, False, True, False]
+  np.testing.assert_array_equal(np.asarray(fast)[[0, 1, 2, 4]], expected[[0, 1, 2, 4]])
+
+
+def test_top_k_fallback_stays_inside_its_loop():
+  # XLA hoists loop-invariant work out of while loops. The fallback's top_k of all of `a`
+  # must stay in the body of its loop, which runs zero times when the candidates hold the
+  # answer; hoisted, it ran on every call (under vmap, where XLA CPU sorts every row in
+  # full, it made a top_k training step 7x slower).
+  from jrelu.compressors import _top_k
+  program = jax.jit(jax.vmap(lambda v: _top_k.top_indices(v, 300)))
+  text = program.lower(jnp.zeros((2, LARGE), jnp.float32)).compile().as_text()
+  whole = [line for line in text.splitlines()  # XLA CPU: a sort, or a TopK custom call
+           if "/while/body/top_k" in line and (" sort(" in line or '"TopK"' in line)]
+  assert whole, "no fallback top_k in the program"
+  entry = text[text.index("\nENTRY"):]
+  entry = entry[:entry.index("\n}")]
+  assert not [line for line in whole if line in entry], whole
 
 
 def test_rand_k_large_draws_are_uniform_subsets():

@@ -111,19 +111,13 @@ MAX_SHARE = 1 / 16
 def top_indices(a: jax.Array, k: int) -> jax.Array:
   """``jax.lax.top_k(a, k)[1]`` (the same indices in the same order), without sorting ``a``.
 
-  A threshold ``t`` is taken from a strided sample of ``SAMPLE`` entries: the
-  ``k_s``-th largest of them, ``k_s`` the sample's expected share of the top ``k`` plus 5
-  standard deviations. The entries ``>= t`` (one pass) are collected in index order into
-  ``C`` slots (``_select.set_positions``, ``C`` the expected count plus 6 standard
-  deviations), and ``jax.lax.top_k`` of those candidates gives the answer: when at least
-  ``k`` and at most ``C`` entries pass, the top ``k`` are all candidates, and ranking the
-  candidates in index order breaks ties toward the lowest index as ``jax.lax.top_k``
-  does. Otherwise (a sample that misrepresents ``a``, NaN, many ties) the answer is
-  ``jax.lax.top_k`` of all of ``a``, in a loop that runs zero times when the candidates
-  suffice (a ``cond`` would run both branches under ``vmap``).
+  The candidates of :func:`candidates` when they hold the answer; otherwise (a sample
+  that misrepresents ``a``, NaN) ``jax.lax.top_k`` of all of ``a``, in a loop that runs
+  zero times when the candidates suffice (a ``cond`` would run both branches under
+  ``vmap``, where XLA CPU sorts each row in full).
 
   Args:
-    a: float32 ``[d]``, the magnitudes to rank.
+    a: float32 ``[d]``, the magnitudes to rank (non-negative).
     k: static, ``1 <= k <= d``.
 
   Returns:
@@ -132,18 +126,63 @@ def top_indices(a: jax.Array, k: int) -> jax.Array:
   d = a.shape[0]
   if d < MIN_SIZE or k > MAX_SHARE * d:
     return jax.lax.top_k(a, k)[1]
-  stride = d // SAMPLE
-  share = k * SAMPLE / d  # expected sample entries among the top k
-  kept = min(SAMPLE, math.ceil(share + 5 * math.sqrt(share) + 4))
-  capacity = min(d, math.ceil((kept + 6 * math.sqrt(kept)) * d / SAMPLE) + 64)
-  threshold = jax.lax.top_k(a[:SAMPLE * stride:stride], kept)[0][-1]
-  positions, count = _select.set_positions(bitpack.pack(a >= threshold, 1), capacity)
-  candidates = jnp.where(positions >= 0, a[jnp.maximum(positions, 0)], -1.0)
-  fast = positions[jax.lax.top_k(candidates, k)[1]]
-  missed = (count < k) | (count > capacity)
-  return jax.lax.while_loop(lambda state: state[0],
-                            lambda state: (False, jax.lax.top_k(a, k)[1]),
-                            (missed, fast))[1]
+  fast, missed = candidates(a, k)
+
+  def fallback(state):
+    # The loop's body runs only when `missed` is True, so this is top_k of `a`; reading
+    # `missed` keeps XLA from hoisting the top_k out of the loop as loop-invariant work
+    # (which would run it, a full sort under vmap, on every call).
+    return False, jax.lax.top_k(jnp.where(state[0], a, -1.0), k)[1]
+
+  return jax.lax.while_loop(lambda state: state[0], fallback, (missed, fast))[1]
+
+
+def candidates(a: jax.Array, k: int):
+  """The top ``k`` of ``a`` ranked from a few candidates, and whether that failed.
+
+  A threshold ``t`` is taken from a strided sample of at most ``SAMPLE`` entries spread
+  over all of ``a`` (every ``sample_stride(d)``-th): the ``k_s``-th largest of them,
+  ``k_s`` the sample's expected share of the top ``k`` plus 5 standard deviations. The
+  entries ``> t`` (one pass) are collected in index order into ``C`` slots
+  (``_select.set_positions``; ``C`` their expected count plus 6 standard deviations),
+  followed by the first ``k`` entries ``== t`` in index order, and ``jax.lax.top_k`` of
+  these candidates is the answer when at most ``C`` entries exceed ``t`` and at least
+  ``k`` reach it: every entry above ``t`` is a candidate, the ties at ``t`` can only fill
+  the last places, and ranking the candidates in index order breaks ties toward the
+  lowest index as ``jax.lax.top_k`` does. The ties matter for sparse input: when fewer
+  than ``k_s`` sampled entries are nonzero, ``t = 0`` and the zeros fill the answer (a
+  sum of top-k codes of correlated gradients is such an input).
+
+  Args:
+    a: float32 ``[d]``, non-negative, ``d >= MIN_SIZE``.
+    k: static, ``1 <= k <= d``.
+
+  Returns:
+    ``(indices, missed)``: int32 ``[k]``, and bool, True when ``indices`` may be wrong
+    (too many entries above ``t``, too few reaching it, or NaN).
+  """
+  d = a.shape[0]
+  sample = a[::sample_stride(d)]
+  size = sample.shape[0]
+  share = k * size / d  # expected sample entries among the top k
+  kept = min(size, math.ceil(share + 5 * math.sqrt(share) + 4))
+  capacity = min(d, math.ceil((kept + 6 * math.sqrt(kept)) * d / size) + 64)
+  # The barrier keeps XLA from reading only the last value of top_k: it rewrites a
+  # top_k whose values are sliced into a full sort of the sample (20x slower on CPU).
+  threshold = jax.lax.optimization_barrier(jax.lax.top_k(sample, kept)[0])[-1]
+  above, count_above = _select.set_positions(bitpack.pack(a > threshold, 1), capacity)
+  ties, count_ties = _select.set_positions(bitpack.pack(a == threshold, 1), k)
+  positions = jnp.concatenate([above, ties])
+  values = jnp.where(positions >= 0, a[jnp.maximum(positions, 0)], -1.0)
+  indices = positions[jax.lax.top_k(values, k)[1]]
+  return indices, (count_above > capacity) | (count_above + count_ties < k)
+
+
+def sample_stride(d: int) -> int:
+  """Stride of :func:`top_indices`' sample of ``d`` entries: the smallest that leaves at
+  most ``SAMPLE`` of them, so the sample spans the whole array (a prefix would
+  misrepresent a gradient whose scale changes along it, as a layer's rows do)."""
+  return -(-d // SAMPLE)
 
 
 def _index_bits(size: int) -> int:
