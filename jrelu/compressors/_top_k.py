@@ -144,9 +144,9 @@ def candidates(a: jax.Array, k: int):
   over all of ``a`` (every ``sample_stride(d)``-th): the ``k_s``-th largest of them,
   ``k_s`` the sample's expected share of the top ``k`` plus 5 standard deviations. The
   entries ``> t`` (one pass) are collected in index order into ``C`` slots
-  (``_select.set_positions``; ``C`` their expected count plus 6 standard deviations),
-  followed by the first ``k`` entries ``== t`` in index order, and ``jax.lax.top_k`` of
-  these candidates is the answer when at most ``C`` entries exceed ``t`` and at least
+  (``_select.set_positions``; ``C`` their expected count plus 6 standard deviations) and
+  ranked by ``jax.lax.top_k``; the first ``k`` entries ``== t``, in index order, fill the
+  places left. That is the answer when at most ``C`` entries exceed ``t`` and at least
   ``k`` reach it: every entry above ``t`` is a candidate, the ties at ``t`` can only fill
   the last places, and ranking the candidates in index order breaks ties toward the
   lowest index as ``jax.lax.top_k`` does. The ties matter for sparse input: when fewer
@@ -171,10 +171,21 @@ def candidates(a: jax.Array, k: int):
   # top_k whose values are sliced into a full sort of the sample (20x slower on CPU).
   threshold = jax.lax.optimization_barrier(jax.lax.top_k(sample, kept)[0])[-1]
   above, count_above = _select.set_positions(bitpack.pack(a > threshold, 1), capacity)
-  ties, count_ties = _select.set_positions(bitpack.pack(a == threshold, 1), k)
-  positions = jnp.concatenate([above, ties])
-  values = jnp.where(positions >= 0, a[jnp.maximum(positions, 0)], -1.0)
-  indices = positions[jax.lax.top_k(values, k)[1]]
+
+  def find_ties(state):
+    # Runs only when fewer than k entries exceed t (a sparse `a` with t = 0): most calls
+    # skip this pass. Reading `state[0]` keeps XLA from hoisting it out of the loop.
+    tie = (a == threshold) & state[0]
+    return (False,) + _select.set_positions(bitpack.pack(tie, 1), k)
+
+  _, ties, count_ties = jax.lax.while_loop(
+      lambda state: state[0], find_ties,
+      (count_above < k, jnp.full((k,), -1, jnp.int32), jnp.zeros((), jnp.int32)))
+  values = jnp.where(above >= 0, a[jnp.maximum(above, 0)], -1.0)
+  ranked = above[jax.lax.top_k(values, k)[1]]
+  # Past the entries above t (all of them ranked first when fewer than k), the ties.
+  place = jnp.arange(k)
+  indices = jnp.where(place < count_above, ranked, ties[jnp.maximum(place - count_above, 0)])
   return indices, (count_above > capacity) | (count_above + count_ties < k)
 
 
