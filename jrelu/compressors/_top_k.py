@@ -112,12 +112,13 @@ def top_indices(a: jax.Array, k: int) -> jax.Array:
   """``jax.lax.top_k(a, k)[1]`` (the same indices in the same order), without sorting ``a``.
 
   The candidates of :func:`candidates` when they hold the answer; otherwise (a sample
-  that misrepresents ``a``, NaN) ``jax.lax.top_k`` of all of ``a``, in a loop that runs
+  that misrepresents ``a``) ``jax.lax.top_k`` of all of ``a``, in a loop that runs
   zero times when the candidates suffice (a ``cond`` would run both branches under
   ``vmap``, where XLA CPU sorts each row in full).
 
   Args:
-    a: float32 ``[d]``, the magnitudes to rank (non-negative).
+    a: float32 ``[d]``, the magnitudes to rank: non-negative, or NaN anywhere (then the
+      indices are unspecified; :class:`TopK` sends NaN values for such input).
     k: static, ``1 <= k <= d``.
 
   Returns:
@@ -154,12 +155,12 @@ def candidates(a: jax.Array, k: int):
   sum of top-k codes of correlated gradients is such an input).
 
   Args:
-    a: float32 ``[d]``, non-negative, ``d >= MIN_SIZE``.
+    a: float32 ``[d]``, non-negative (no NaN), ``d >= MIN_SIZE``.
     k: static, ``1 <= k <= d``.
 
   Returns:
     ``(indices, missed)``: int32 ``[k]``, and bool, True when ``indices`` may be wrong
-    (too many entries above ``t``, too few reaching it, or NaN).
+    (too many entries above ``t``, or too few reaching it).
   """
   d = a.shape[0]
   sample = a[::sample_stride(d)]
