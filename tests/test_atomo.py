@@ -581,6 +581,9 @@ def test_entry_water_filling_without_a_sort_matches_the_sort(budget):
           rng.standard_normal(n)]
   rows[2][[3, 77, 5000]] = [1.0, -2.0, 3.0]
   rows[3][rng.choice(n, 5, replace=False)] = 1e4  # saturated spikes
+  # Saturated spikes in the partial last block (n is not a multiple of TOP_BLOCK).
+  rows.append(rng.standard_normal(n))
+  rows[4][-3:] = [3e4, -4e4, 5e4]
   index = jnp.arange(n)
   xs = jnp.asarray(np.stack(rows), jnp.float32)
 
