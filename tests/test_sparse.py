@@ -530,13 +530,18 @@ def test_top_k_without_sorting_is_lax_top_k():
   # lowest index fill the last 100 places, from the candidates (no fallback).
   sparse = np.zeros(LARGE)
   sparse[rng.choice(LARGE, 200, replace=False)] = 1.0 + rng.random(200)
-  rows = np.stack([generic, np.round(4 * generic) / 4, np.sort(generic), hidden, sparse])
+  # Crowded: 250 large entries, all at sampled positions, so fewer than k reach the
+  # threshold read from the sample (its 216th largest): the fallback.
+  crowded = np.zeros(LARGE)
+  crowded[2 * rng.choice(LARGE // 2, 250, replace=False)] = 1.0 + rng.random(250)
+  rows = np.stack([generic, np.round(4 * generic) / 4, np.sort(generic), hidden, sparse,
+                   crowded])
   a = jnp.asarray(rows, jnp.float32)
   program = jax.jit(jax.vmap(lambda v: (_top_k.top_indices(v, k), _top_k.candidates(v, k))))
   got, (fast, missed) = program(a)
   expected = np.asarray(jax.lax.top_k(a, k)[1])
   np.testing.assert_array_equal(np.asarray(got), expected)
-  assert np.asarray(missed).tolist() == [False, False, False, True, False]
+  assert np.asarray(missed).tolist() == [False, False, False, True, False, True]
   np.testing.assert_array_equal(np.asarray(fast)[[0, 1, 2, 4]], expected[[0, 1, 2, 4]])
 
 
