@@ -197,16 +197,23 @@ def _row_layout(bits: int) -> tuple[int, bool]:
 UNROLL_MIN_VALUES = 1 << 16
 
 
+def _numbered_blocks(key_pair, rows: int, blocks: int):
+  """Threefry words ``(y0, y1)``, uint32 ``[rows * blocks]``, of blocks numbered
+  ``r * blocks + j`` (counter ``(r * blocks + j, 0)``): the layout of rows that need more
+  than ``MAX_INLINE_BLOCKS`` blocks, drawn by a loop of their own."""
+  counter = jax.lax.iota(jnp.uint32, rows * blocks)
+  return threefry2x32(key_pair[0], key_pair[1], counter, jnp.zeros_like(counter))
+
+
 def _uniform_view(key_pair, rows: int, per_row: int) -> jax.Array:
   """The uniforms of :func:`_rows`' columns as one uint32 ``[rows, per_row]`` array."""
   blocks = -(-per_row // LANES_PER_BLOCK)
-  row = jax.lax.broadcasted_iota(jnp.uint32, (rows, blocks), 0)
-  block = jax.lax.broadcasted_iota(jnp.uint32, (rows, blocks), 1)
   if blocks <= MAX_INLINE_BLOCKS:
+    row = jax.lax.broadcasted_iota(jnp.uint32, (rows, blocks), 0)
+    block = jax.lax.broadcasted_iota(jnp.uint32, (rows, blocks), 1)
     y0, y1 = threefry2x32(key_pair[0], key_pair[1], row, block)
-  else:  # the counters of the separate loop of _rows_by_column
-    counter = row * np.uint32(blocks) + block
-    y0, y1 = threefry2x32(key_pair[0], key_pair[1], counter, jnp.zeros_like(counter))
+  else:  # the blocks of the separate loop of _rows_by_column
+    y0, y1 = (y.reshape(rows, blocks) for y in _numbered_blocks(key_pair, rows, blocks))
   lanes = jnp.stack(_lanes(y0, y1), axis=-1).reshape(rows, blocks * LANES_PER_BLOCK)
   return lanes[:, :per_row]
 
@@ -235,9 +242,7 @@ def _rows_by_column(key_pair, values, bits: int, field):
   if blocks <= MAX_INLINE_BLOCKS:
     uniforms = uniform16_columns(key_pair, rows, per_row)
   else:  # drawn by one loop over all blocks, written once, read by the field loop
-    counter = jax.lax.iota(jnp.uint32, rows * blocks)
-    y0, y1 = threefry2x32(key_pair[0], key_pair[1], counter, jnp.zeros_like(counter))
-    y0, y1 = base.materialize(y0), base.materialize(y1)
+    y0, y1 = (base.materialize(y) for y in _numbered_blocks(key_pair, rows, blocks))
     y0, y1 = y0.reshape(rows, blocks), y1.reshape(rows, blocks)
     uniforms = []
     for j in range(blocks):
