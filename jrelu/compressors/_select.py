@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-WORD_BITS = 32
+from jrelu.compressors import bitpack
 
 
 def _popcount(words):
@@ -76,6 +76,6 @@ def set_positions(words: jax.Array, capacity: int):
   # The word holding set bit number `slot`: the first whose inclusive count exceeds it.
   word = jnp.minimum(jnp.searchsorted(inclusive, slot, side="right"), words.shape[0] - 1)
   rank = slot - (inclusive[word] - counts[word])
-  position = word.astype(jnp.int32) * WORD_BITS + select_bit(words[word], rank)
+  position = word.astype(jnp.int32) * bitpack.WORD_BITS + select_bit(words[word], rank)
   count = inclusive[-1]
   return jnp.where(slot < count, position, -1), count

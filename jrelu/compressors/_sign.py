@@ -68,10 +68,7 @@ def _sign_words(rows, coins):
 def _coin_words(key, num_words: int) -> jax.Array:
   """uint32 ``[num_words]`` of fair coins, 32 per word: the two words of Threefry block
   ``j`` (``threefry``) are coin words ``2 j`` and ``2 j + 1``, written to memory once."""
-  blocks = -(-num_words // 2)
-  k0, k1 = threefry.key_words(key)
-  counter = jnp.arange(blocks, dtype=jnp.uint32)
-  y0, y1 = threefry.threefry2x32(k0, k1, counter, jnp.zeros_like(counter))
+  y0, y1 = threefry.numbered_blocks(threefry.key_words(key), -(-num_words // 2))
   return base.materialize(jnp.stack([y0, y1], axis=1).reshape(-1)[:num_words])
 
 

@@ -197,11 +197,27 @@ def _row_layout(bits: int) -> tuple[int, bool]:
 UNROLL_MIN_VALUES = 1 << 16
 
 
-def _numbered_blocks(key_pair, rows: int, blocks: int):
-  """Threefry words ``(y0, y1)``, uint32 ``[rows * blocks]``, of blocks numbered
-  ``r * blocks + j`` (counter ``(r * blocks + j, 0)``): the layout of rows that need more
-  than ``MAX_INLINE_BLOCKS`` blocks, drawn by a loop of their own."""
-  counter = jax.lax.iota(jnp.uint32, rows * blocks)
+def numbered_blocks(key_pair, count: int):
+  """Threefry-2x32 output of blocks ``0, 1, ..., count - 1``: counter ``(j, 0)`` for block
+  ``j``, the layout of draws made by a loop of their own (sign's coins, and the rows of
+  :func:`pack_fields` that need more than ``MAX_INLINE_BLOCKS`` blocks).
+
+  Args:
+    key_pair: ``(k0, k1)`` from :func:`key_words`.
+    count: number of blocks (static).
+
+  Returns:
+    ``(y0, y1)``: uint32 ``[count]`` each, 64 random bits per block.
+
+  Example:
+    >>> y0, y1 = numbered_blocks(key_words(jax.random.key(0)), 3)
+    >>> y0.shape, y1.dtype
+    ((3,), dtype('uint32'))
+
+  References:
+    Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy as 1, 2, 3", SC 2011.
+  """
+  counter = jax.lax.iota(jnp.uint32, count)
   return threefry2x32(key_pair[0], key_pair[1], counter, jnp.zeros_like(counter))
 
 
@@ -213,7 +229,7 @@ def _uniform_view(key_pair, rows: int, per_row: int) -> jax.Array:
     block = jax.lax.broadcasted_iota(jnp.uint32, (rows, blocks), 1)
     y0, y1 = threefry2x32(key_pair[0], key_pair[1], row, block)
   else:  # the blocks of the separate loop of _rows_by_column
-    y0, y1 = (y.reshape(rows, blocks) for y in _numbered_blocks(key_pair, rows, blocks))
+    y0, y1 = (y.reshape(rows, blocks) for y in numbered_blocks(key_pair, rows * blocks))
   lanes = jnp.stack(_lanes(y0, y1), axis=-1).reshape(rows, blocks * LANES_PER_BLOCK)
   return lanes[:, :per_row]
 
@@ -242,7 +258,7 @@ def _rows_by_column(key_pair, values, bits: int, field):
   if blocks <= MAX_INLINE_BLOCKS:
     uniforms = uniform16_columns(key_pair, rows, per_row)
   else:  # drawn by one loop over all blocks, written once, read by the field loop
-    y0, y1 = (base.materialize(y) for y in _numbered_blocks(key_pair, rows, blocks))
+    y0, y1 = (base.materialize(y) for y in numbered_blocks(key_pair, rows * blocks))
     y0, y1 = y0.reshape(rows, blocks), y1.reshape(rows, blocks)
     uniforms = []
     for j in range(blocks):
