@@ -287,14 +287,8 @@ class FOSGD(base.Compressor):
         raise ValueError("an unbound fo_sgd needs the code's seed; got a code without one "
                          "(made by a bound fo_sgd: decode it with that bound codec)")
       key = jax.random.key(seed[0])
-    # Bit i % 32 of Threefry word i // 32 (the two words of block j are words 2 j and
-    # 2 j + 1): a fair, independent sign per coordinate.
-    num_words = -(-padded_size // 32)
-    k0, k1 = threefry.key_words(key)
-    counter = jnp.arange(-(-num_words // 2), dtype=jnp.uint32)
-    words = jnp.stack(threefry.threefry2x32(k0, k1, counter, jnp.zeros_like(counter)),
-                      axis=1).reshape(-1)
-    words = base.materialize(words[:num_words])
+    # Coin i (bit i % 32 of word i // 32): a fair, independent sign per coordinate.
+    words = threefry.coin_words(threefry.key_words(key), -(-padded_size // 32))
     bit = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
     return 1.0 - 2.0 * bit.reshape(-1)[:padded_size].astype(jnp.float32)
 

@@ -65,13 +65,6 @@ def _sign_words(rows, coins):
   return jnp.sum(bits << jnp.arange(32, dtype=jnp.uint32), axis=1, dtype=jnp.uint32)
 
 
-def _coin_words(key, num_words: int) -> jax.Array:
-  """uint32 ``[num_words]`` of fair coins, 32 per word: the two words of Threefry block
-  ``j`` (``threefry``) are coin words ``2 j`` and ``2 j + 1``, written to memory once."""
-  y0, y1 = threefry.numbered_blocks(threefry.key_words(key), -(-num_words // 2))
-  return base.materialize(jnp.stack([y0, y1], axis=1).reshape(-1)[:num_words])
-
-
 @base.code_class
 class SignCode:
   """Wire payload of :class:`Sign`.
@@ -155,7 +148,7 @@ class Sign(base.Compressor):
       # makes it non-finite, which decodes to non-finite values.
       scale = (base.mean_abs(flat) if d else jnp.zeros(())).reshape(1)
     num_words = bitpack.packed_words(self._num_bits(d), SIGN_BITS)
-    coins = _coin_words(key, num_words)
+    coins = threefry.coin_words(threefry.key_words(key), num_words)
     # A row of 32 coordinates per word (stream bit i is bit i % 32 of word i // 32): the
     # full rows read x in place, the last partial row (if any) is padded with 1 (positive,
     # nonzero: bit 0).

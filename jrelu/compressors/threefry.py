@@ -221,6 +221,30 @@ def numbered_blocks(key_pair, count: int):
   return threefry2x32(key_pair[0], key_pair[1], counter, jnp.zeros_like(counter))
 
 
+def coin_words(key_pair, num_words: int) -> jax.Array:
+  """uint32 ``[num_words]`` of fair, independent coins, 32 per word: the two words of
+  block ``j`` of :func:`numbered_blocks` are words ``2 j`` and ``2 j + 1``. Written to
+  memory once (``base.materialize``), so a consumer reading each word once per bit does
+  not recompute the block function.
+
+  Args:
+    key_pair: ``(k0, k1)`` from :func:`key_words`.
+    num_words: number of words (static).
+
+  Returns:
+    uint32 ``[num_words]``; bit ``b`` of word ``w`` is coin ``32 w + b``.
+
+  Example:
+    >>> coin_words(key_words(jax.random.key(0)), 3).shape
+    (3,)
+
+  References:
+    Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy as 1, 2, 3", SC 2011.
+  """
+  y0, y1 = numbered_blocks(key_pair, -(-num_words // 2))
+  return base.materialize(jnp.stack([y0, y1], axis=1).reshape(-1)[:num_words])
+
+
 def _uniform_view(key_pair, rows: int, per_row: int) -> jax.Array:
   """The uniforms of :func:`_rows`' columns as one uint32 ``[rows, per_row]`` array."""
   blocks = -(-per_row // LANES_PER_BLOCK)
