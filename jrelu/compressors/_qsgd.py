@@ -186,7 +186,10 @@ class QSGD(base.Compressor):
   def decode(self, code):
     d = base.num_elements(code.shape)
     symbols = bitpack.unpack(code.words, self.symbol_bits, d)
-    return self.dequantize(_signed(symbols), code.scales, code.shape, code.dtype)
+    # |value| = scale * level / s, then the sign bit: one loop over the symbols.
+    magnitude = self.dequantize(symbols >> 1, code.scales, (d,), jnp.float32)
+    values = base.negate_where(magnitude, symbols & 1)
+    return values.reshape(code.shape).astype(code.dtype)
 
   def wire_bits(self, shape):
     d = base.num_elements(shape)

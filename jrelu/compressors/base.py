@@ -142,6 +142,31 @@ def poison(values: jax.Array, finite: jax.Array) -> jax.Array:
   return jnp.where(finite, values, jnp.asarray(jnp.nan, values.dtype))
 
 
+def negate_where(magnitude: jax.Array, negative: jax.Array) -> jax.Array:
+  """``-magnitude`` where ``negative`` is 1, else ``magnitude``: a decoder's signed values.
+
+  Sets the IEEE sign bit, which negates exactly (NaN stays NaN). A codec's decode loop
+  writes one float32 per coordinate from a few packed bits; on XLA CPU a ``where`` there
+  made QSGD's decode at d = 1e7 about 1.8x slower than this bitwise form (measured on the
+  2-core development VM), which XLA vectorizes like the multiply beside it.
+
+  Args:
+    magnitude: float32 array of non-negative values (or NaN); ``-0.0`` results where a
+      zero is marked negative.
+    negative: uint32 array of 0 or 1, broadcastable to ``magnitude``.
+
+  Returns:
+    float32 array of ``magnitude``'s shape.
+
+  Example:
+    >>> negate_where(jnp.array([1.5, 2.0]), jnp.array([0, 1], jnp.uint32))
+    Array([ 1.5, -2. ], dtype=float32)
+  """
+  bits = jax.lax.bitcast_convert_type(jnp.asarray(magnitude, jnp.float32), jnp.uint32)
+  bits = bits | (jnp.asarray(negative, jnp.uint32) << np.uint32(31))
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def overflow_free(reduce, v: jax.Array, axis=None) -> jax.Array:
   """``reduce(v, axis)`` computed on ``v / 2^e`` and scaled back by ``2^e``.
 
