@@ -79,6 +79,20 @@ def test_fwht_equals_dense_normalized_sylvester(size):
   np.testing.assert_allclose(y, x @ h.T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block_size", [1, 2, 8, 64])
+def test_fwht_by_blocks_is_the_same_transform(block_size):
+  # Transforms longer than hadamard.BLOCK_SIZE (2^19) run their low stages block by
+  # block; the stages are the same additions in the same order, so the result is the
+  # same bit for bit, and it is still x @ H^T (float64 reference, as above).
+  size = 256
+  x = np.random.default_rng(block_size).standard_normal((2, 3, size))
+  whole = hadamard._butterflies(jnp.asarray(x, jnp.float32), block_size=size)
+  blocked = hadamard._butterflies(jnp.asarray(x, jnp.float32), block_size=block_size)
+  np.testing.assert_array_equal(np.asarray(blocked), np.asarray(whole))
+  h = sylvester(size) / math.sqrt(size)
+  np.testing.assert_allclose(np.asarray(blocked, np.float64), x @ h.T, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("size", [1, 2, 8, 128, 1024])
 def test_fwht_is_orthonormal_and_involutive(size):
   x = jnp.asarray(np.random.default_rng(size + 1).standard_normal((5, size)), jnp.float32)
