@@ -545,6 +545,23 @@ def test_top_k_without_sorting_is_lax_top_k():
   np.testing.assert_array_equal(np.asarray(fast)[[0, 1, 2, 4]], expected[[0, 1, 2, 4]])
 
 
+def test_top_k_sample_spans_the_array():
+  # Between MIN_SIZE and 2 * SAMPLE entries the sample is every second entry, not the
+  # first SAMPLE: a row whose entries grow 10x past position 65,536 (as a gradient's
+  # scale changes from one layer to the next) keeps its threshold among the large ones.
+  # A sample of the first 65,536 entries would put it among the small ones, where about
+  # 26,000 of the large entries exceed it, far more than the candidates' slots: fallback.
+  from jrelu.compressors import _top_k
+  d, k = 100_000, 300
+  assert _top_k.sample_stride(d) == 2
+  row = np.abs(np.random.default_rng(11).standard_normal(d))
+  row[:_top_k.SAMPLE] *= 0.1
+  a = jnp.asarray(row, jnp.float32)
+  fast, missed = jax.jit(lambda v: _top_k.candidates(v, k))(a)
+  assert not bool(missed)
+  np.testing.assert_array_equal(np.asarray(fast), np.asarray(jax.lax.top_k(a, k)[1]))
+
+
 def test_top_k_fallback_stays_inside_its_loop():
   # XLA hoists loop-invariant work out of while loops. The fallback's top_k of all of `a`
   # must stay in the body of its loop, which runs zero times when the candidates hold the
