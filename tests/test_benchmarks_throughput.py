@@ -13,6 +13,7 @@ import pathlib
 from absl import flags
 import pytest
 
+from benchmarks import common
 from benchmarks import compressors as compressors_binary
 from benchmarks import processes as processes_binary
 from benchmarks.real_data import __main__ as real_data_binary
@@ -46,6 +47,11 @@ def test_tiny_run_prints_one_json_line_with_every_section(tmp_path):
     assert key in out, key
   assert out["benchmark"] == "step_throughput"
   assert out["keeps_freed_memory"] is True  # the flag's default, applied (glibc's mallopt)
+  # --huge_pages (default) started the binary again with malloc asking for huge pages,
+  # wherever glibc and the kernel can give them.
+  assert out["malloc_huge_pages"] is common.malloc_asks_for_huge_pages(
+      {"GLIBC_TUNABLES": common.HUGE_PAGES_TUNABLE})
+  assert out["transparent_huge_pages"] == common.transparent_huge_pages()
   assert out["torch"] == {"skipped": "--skip_torch"} and out["ratios"] == []
   assert out["roofline"]["seconds"] > 0 and out["roofline"]["array_bytes"] >= out["llc_bytes"]
 

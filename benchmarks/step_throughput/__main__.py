@@ -103,6 +103,11 @@ def define_flags(flag_values: flags.FlagValues) -> None:
       "(benchmarks.common.keep_freed_memory), so that a call on a large array does not "
       "fault in fresh pages for its outputs; --nokeep_freed_memory keeps glibc's default.",
       flag_values=fv)
+  flags.DEFINE_bool(
+      "huge_pages", True, "Start again with GLIBC_TUNABLES=glibc.malloc.hugetlb=1, so that "
+      "XLA's buffers get transparent huge pages as NumPy's roofline arrays do "
+      "(benchmarks.common.rerun_with_huge_pages; no effect where glibc or the kernel "
+      "cannot); --nohuge_pages keeps 4 KiB pages.", flag_values=fv)
   flags.DEFINE_integer("scale_dim", 1_000_000, "d of the scale section.", lower_bound=1,
                        flag_values=fv)
   flags.DEFINE_integer(
@@ -209,6 +214,8 @@ def main(argv):
   """absl main: flags -> settings -> :func:`benchmark.run` (or the scale child); one JSON line."""
   del argv
   s = settings_from_flags(flags.FLAGS)
+  if flags.FLAGS.huge_pages:
+    common.rerun_with_huge_pages()  # returns only where it does not start again
   if flags.FLAGS.keep_freed_memory:
     common.keep_freed_memory()
   common.make_outdir(s.outdir)
