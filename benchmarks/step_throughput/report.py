@@ -128,7 +128,9 @@ def summary_markdown(result) -> str:
       "",
       f"Machine: {m['cpu_model']}, {m['cpu_cores']} cores, LLC {m['llc_bytes'] >> 20} MiB, "
       f"JAX {m['jax_version']} {m['backend']}, malloc "
-      f"{'keeps' if m.get('keeps_freed_memory') else 'returns'} freed memory. "
+      f"{'keeps' if m.get('keeps_freed_memory') else 'returns'} freed memory and "
+      f"{'asks' if m.get('malloc_huge_pages') else 'does not ask'} for huge pages "
+      f"(kernel mode: {m.get('transparent_huge_pages')}). "
       f"{m['timing_note']} Steps/s: median "
       f"[min-max] of {m['config']['repeats']} timed chunks of "
       f"{m['config']['steps_per_chunk']} steps.",
