@@ -515,13 +515,13 @@ LARGE = 1 << 17  # above MIN_SIZE of both sparsifiers
 def test_top_k_without_sorting_is_lax_top_k():
   # top_indices ranks only the entries above a threshold from a strided sample, and falls
   # back to jax.lax.top_k of everything when they do not hold the top k: either way the
-  # same indices in the same order. Rows: generic, many ties, sorted, and a pattern the
+  # same indices in the same order as jax.lax.top_k of the magnitudes. Rows: generic, many ties, sorted, and a pattern the
   # sample never sees (the large entries sit between sampled positions), which takes the
   # fallback; under vmap, so one row's fallback runs beside the others' fast path.
   from jrelu.compressors import _top_k
   k = 300
   rng = np.random.default_rng(7)
-  generic = np.abs(rng.standard_normal(LARGE))
+  generic = rng.standard_normal(LARGE)  # signed: ranked by magnitude
   hidden = np.zeros(LARGE)  # more large entries than the candidates' slots
   hidden[1 + 2 * rng.choice(LARGE // 2 - 1, 4 * k, replace=False)] = 1.0 + rng.random(4 * k)
   assert _top_k.sample_stride(LARGE) % 2 == 0  # the sample reads even positions only
@@ -539,7 +539,7 @@ def test_top_k_without_sorting_is_lax_top_k():
   a = jnp.asarray(rows, jnp.float32)
   program = jax.jit(jax.vmap(lambda v: (_top_k.top_indices(v, k), _top_k.candidates(v, k))))
   got, (fast, missed) = program(a)
-  expected = np.asarray(jax.lax.top_k(a, k)[1])
+  expected = np.asarray(jax.lax.top_k(jnp.abs(a), k)[1])
   np.testing.assert_array_equal(np.asarray(got), expected)
   assert np.asarray(missed).tolist() == [False, False, False, True, False, True]
   np.testing.assert_array_equal(np.asarray(fast)[[0, 1, 2, 4]], expected[[0, 1, 2, 4]])

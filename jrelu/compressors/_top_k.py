@@ -80,7 +80,7 @@ class TopK(base.Compressor):
     x = jnp.asarray(x)
     size = base.num_elements(x.shape)
     flat = jnp.ravel(x).astype(jnp.float32)
-    indices = top_indices(jnp.abs(flat), self.num_kept(x.shape))
+    indices = top_indices(flat, self.num_kept(x.shape))
     # NaN or Inf anywhere makes every sent value NaN (top_k's order of NaN is not to be
     # relied on to pick it).
     return TopKCode(values=base.poison(flat[indices], base.all_finite(flat)),
@@ -108,38 +108,41 @@ MIN_SIZE = 1 << 16
 MAX_SHARE = 1 / 16
 
 
-def top_indices(a: jax.Array, k: int) -> jax.Array:
-  """``jax.lax.top_k(a, k)[1]`` (the same indices in the same order), without sorting ``a``.
+def top_indices(x: jax.Array, k: int) -> jax.Array:
+  """``jax.lax.top_k(jnp.abs(x), k)[1]`` (the same indices in the same order), without
+  sorting ``|x|``.
 
   The candidates of :func:`candidates` when they hold the answer; otherwise (a sample
-  that misrepresents ``a``) ``jax.lax.top_k`` of all of ``a``, in a loop that runs
+  that misrepresents ``|x|``) ``jax.lax.top_k`` of all of ``|x|``, in a loop that runs
   zero times when the candidates suffice (a ``cond`` would run both branches under
-  ``vmap``, where XLA CPU sorts each row in full).
+  ``vmap``, where XLA CPU sorts each row in full). ``|x|`` is computed where it is read,
+  never written out: an array captured by a loop is written to memory first, which cost
+  16 ms of a 72 ms top-k call at d = 1e7 on the 2-core development VM.
 
   Args:
-    a: float32 ``[d]``, the magnitudes to rank: non-negative, or NaN anywhere (then the
-      indices are unspecified; :class:`TopK` sends NaN values for such input).
+    x: float32 ``[d]``, ranked by magnitude; NaN anywhere makes the indices unspecified
+      (:class:`TopK` sends NaN values for such input).
     k: static, ``1 <= k <= d``.
 
   Returns:
     int32 ``[k]``.
   """
-  d = a.shape[0]
+  d = x.shape[0]
   if d < MIN_SIZE or k > MAX_SHARE * d:
-    return jax.lax.top_k(a, k)[1]
-  fast, missed = candidates(a, k)
+    return jax.lax.top_k(jnp.abs(x), k)[1]
+  fast, missed = candidates(x, k)
 
   def fallback(state):
-    # The loop's body runs only when `missed` is True, so this is top_k of `a`; reading
+    # The loop's body runs only when `missed` is True, so this is top_k of |x|; reading
     # `missed` keeps XLA from hoisting the top_k out of the loop as loop-invariant work
     # (which would run it, a full sort under vmap, on every call).
-    return False, jax.lax.top_k(jnp.where(state[0], a, -1.0), k)[1]
+    return False, jax.lax.top_k(jnp.where(state[0], jnp.abs(x), -1.0), k)[1]
 
   return jax.lax.while_loop(lambda state: state[0], fallback, (missed, fast))[1]
 
 
-def candidates(a: jax.Array, k: int):
-  """The top ``k`` of ``a`` ranked from a few candidates, and whether that failed.
+def candidates(x: jax.Array, k: int):
+  """The top ``k`` of ``a = |x|`` ranked from a few candidates, and whether that failed.
 
   A threshold ``t`` is taken from a strided sample of at most ``SAMPLE`` entries spread
   over all of ``a`` (every ``sample_stride(d)``-th): the ``k_s``-th largest of them,
@@ -155,14 +158,15 @@ def candidates(a: jax.Array, k: int):
   sum of top-k codes of correlated gradients is such an input).
 
   Args:
-    a: float32 ``[d]``, non-negative (no NaN), ``d >= MIN_SIZE``.
+    x: float32 ``[d]`` (no NaN), ``d >= MIN_SIZE``, ranked by magnitude.
     k: static, ``1 <= k <= d``.
 
   Returns:
     ``(indices, missed)``: int32 ``[k]``, and bool, True when ``indices`` may be wrong
     (too many entries above ``t``, or too few reaching it).
   """
-  d = a.shape[0]
+  d = x.shape[0]
+  a = jnp.abs(x)  # fused into each pass that reads it; the loops below read x
   sample = a[::sample_stride(d)]
   size = sample.shape[0]
   share = k * size / d  # expected sample entries among the top k
@@ -176,7 +180,7 @@ def candidates(a: jax.Array, k: int):
   def find_ties(state):
     # Runs only when fewer than k entries exceed t (a sparse `a` with t = 0): most calls
     # skip this pass. Reading `state[0]` keeps XLA from hoisting it out of the loop.
-    tie = (a == threshold) & state[0]
+    tie = (jnp.abs(x) == threshold) & state[0]
     return (False,) + _select.set_positions(bitpack.pack(tie, 1), k)
 
   _, ties, count_ties = jax.lax.while_loop(
