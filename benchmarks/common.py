@@ -270,6 +270,11 @@ def rerun_with_huge_pages() -> None:
 
   Returns only where it does not start again: the tunable is already set, glibc is older
   than 2.35 or absent, or the kernel gives no huge pages (mode ``never`` or unknown).
+
+  Example:
+    >>> rerun_with_huge_pages()   # first thing in a binary's main, before JAX runs
+    >>> malloc_asks_for_huge_pages()   # reached in the new process (or where it cannot)
+    True
   """
   tunables = os.environ.get("GLIBC_TUNABLES", "")
   if HUGE_PAGES_TUNABLE in tunables.split(":"):
